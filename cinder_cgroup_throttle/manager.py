@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import shutil
 import threading
 import time
 from typing import Dict, Iterator, List, Optional
@@ -20,11 +21,14 @@ from cinder_cgroup_throttle.cgroups.base import validate_cgroup_path
 from cinder_cgroup_throttle.exception import (CgroupUnavailable, CopyNotFound,
                                               ThrottleError)
 from cinder_cgroup_throttle.limits import plan_limits
+from cinder_cgroup_throttle.registry import Entry, Registry, process_start_time
 from cinder_cgroup_throttle.units import format_rate
 
 LOG = logging.getLogger(__name__)
 
 DEFAULT_CGROUP = 'cinder-volume-copy'
+BACKENDS = ('auto', 'cgroup', 'pv')
+PIPE_COMMAND = 'cinder-cgroup-throttle-pipe'
 
 
 @dataclasses.dataclass
@@ -43,6 +47,7 @@ class ActiveCopy:
     limits: List[DeviceLimit]
     started: float = dataclasses.field(default_factory=time.time)
     volume_id: Optional[str] = None
+    total_bytes: Optional[int] = None
 
 
 def new_copy_id() -> str:
@@ -51,26 +56,63 @@ def new_copy_id() -> str:
 
 
 class CopyManager:
-    """Creates a leaf cgroup with the copy's limits for every copy, and removes it after."""
+    """Runs every copy under its own limit: a leaf cgroup, or the pv pipeline as fallback.
+
+    ``backend``: 'cgroup' (fail if a cgroup cannot throttle the copy), 'pv' (always the
+    pipeline) or 'auto' (cgroup when the host has a usable controller and a side of the
+    copy is on a block device, else pv). With ``allow_unthrottled`` a copy that nothing can
+    throttle runs without a limit instead of failing.
+    """
 
     def __init__(self, cgroup_name: str = DEFAULT_CGROUP, grace: float = 10.0,
-                 driver: Optional[CgroupDriver] = None) -> None:
+                 driver: Optional[CgroupDriver] = None, backend: str = 'auto',
+                 allow_unthrottled: bool = False,
+                 registry: Optional[Registry] = None) -> None:
+        if backend not in BACKENDS:
+            raise ThrottleError('backend must be one of %s, not %r'
+                                % ('|'.join(BACKENDS), backend))
         self.cgroup_name = validate_cgroup_path(cgroup_name)
         self.grace = grace
+        self.backend = backend
+        self.allow_unthrottled = allow_unthrottled
+        self.registry = registry or Registry()
         self._lock = threading.Lock()
         self._copies: Dict[str, ActiveCopy] = {}
         self._unavailable: Optional[CgroupUnavailable] = None
         self.driver: Optional[CgroupDriver] = driver
-        if driver is None:
+        if driver is None and backend != 'pv':
             try:
                 self.driver = get_driver(self.cgroup_name)
             except CgroupUnavailable as exc:
                 LOG.warning('cgroup throttling unavailable: %s', exc)
                 self._unavailable = exc
+        self._owner_start = process_start_time(os.getpid())
+
+    def _choose_backend(self, src: str, dst: str, limits: List[DeviceLimit]) -> tuple:
+        """(backend, reason) for one copy; raises when the operator's choice cannot serve."""
+        if self.backend != 'pv':
+            if self.driver is not None and limits:
+                return 'cgroup', '%s limit on %s' % (self.driver.controller,
+                                                     limits[0].device)
+            why = (str(self._unavailable or 'no cgroup driver') if self.driver is None
+                   else 'neither %s nor %s is on a block device' % (src, dst))
+            if self.backend == 'cgroup':
+                raise ThrottleError('cgroup backend cannot throttle %s -> %s: %s'
+                                    % (src, dst, why))
+        else:
+            why = 'backend pv chosen by the operator'
+        if shutil.which(PIPE_COMMAND) and shutil.which('pv'):
+            return 'pv', why
+        if self.allow_unthrottled:
+            return 'none', why + '; pv is not installed and unthrottled copies are allowed'
+        raise ThrottleError('cannot throttle %s -> %s: %s, and the pv fallback is not '
+                            'available (install pv and this package\'s %s)'
+                            % (src, dst, why, PIPE_COMMAND))
 
     @contextlib.contextmanager
     def copy(self, src: str, dst: str, bps_limit: int,
-             volume_id: Optional[str] = None) -> Iterator[ActiveCopy]:
+             volume_id: Optional[str] = None,
+             total_bytes: Optional[int] = None) -> Iterator[ActiveCopy]:
         """Throttle one copy of ``src`` to ``dst`` at ``bps_limit`` bytes/s.
 
         Paths are checked before anything is created: a missing source raises
@@ -79,35 +121,60 @@ class CopyManager:
         src_dev = devices.resolve(src, must_exist=True)
         dst_dev = devices.resolve(dst, must_exist=False)
         limits = plan_limits(src_dev, dst_dev, bps_limit)
-        if not limits:
-            raise ThrottleError('neither %s nor %s is on a block device: a cgroup cannot '
-                                'throttle this copy' % (src, dst))
-        if self.driver is None:
-            raise self._unavailable or CgroupUnavailable('no cgroup driver')
-        driver = self.driver
+        backend, reason = self._choose_backend(src, dst, limits)
         copy_id = new_copy_id()
-        driver.create_leaf(copy_id)
-        try:
-            driver.write_limits(copy_id, limits)
-            copy = ActiveCopy(
-                id=copy_id, src=src, dst=dst, src_dev=src_dev, dst_dev=dst_dev,
-                bps_limit=bps_limit, backend='cgroup',
-                reason='%s limit on %s' % (driver.controller, limits[0].device),
-                prefix=driver.prefix(copy_id), limits=limits, volume_id=volume_id)
+        copy = ActiveCopy(
+            id=copy_id, src=src, dst=dst, src_dev=src_dev, dst_dev=dst_dev,
+            bps_limit=bps_limit, backend=backend, reason=reason, prefix=[],
+            limits=limits if backend == 'cgroup' else [], volume_id=volume_id,
+            total_bytes=total_bytes)
+        with contextlib.ExitStack() as stack:
+            if backend == 'cgroup':
+                stack.enter_context(self._leaf(copy))
+            elif backend == 'pv':
+                copy.prefix = [PIPE_COMMAND, '--id', copy_id, '--rate', str(bps_limit),
+                               '--state-dir', self.registry.directory, '--']
+            self.registry.save(self._entry(copy))
+            stack.callback(self.registry.remove, copy_id)
             with self._lock:
                 self._copies[copy_id] = copy
-            LOG.info('copy %s: %s -> %s at %s, %s', copy_id, src, dst,
-                     format_rate(bps_limit), copy.reason)
-            try:
-                yield copy
-            finally:
-                with self._lock:
-                    self._copies.pop(copy_id, None)
+            stack.callback(self._forget, copy_id)
+            LOG.info('copy %s: %s -> %s at %s via %s (%s)', copy_id, src, dst,
+                     format_rate(bps_limit), backend, reason)
+            yield copy
+
+    @contextlib.contextmanager
+    def _leaf(self, copy: ActiveCopy) -> Iterator[None]:
+        driver = self.driver
+        assert driver is not None
+        driver.create_leaf(copy.id)
+        try:
+            driver.write_limits(copy.id, copy.limits)
+            copy.prefix = driver.prefix(copy.id)
+            yield
         finally:
-            killed = driver.remove_leaf(copy_id, self.grace)
+            killed = driver.remove_leaf(copy.id, self.grace)
             if killed:
                 LOG.warning('copy %s: killed leftover processes %s before removing its '
-                            'cgroup', copy_id, killed)
+                            'cgroup', copy.id, killed)
+
+    def _forget(self, copy_id: str) -> None:
+        with self._lock:
+            self._copies.pop(copy_id, None)
+
+    def _entry(self, copy: ActiveCopy) -> Entry:
+        driver = self.driver if copy.backend == 'cgroup' else None
+        return Entry(
+            id=copy.id, owner_pid=os.getpid(), owner_start=self._owner_start,
+            src=copy.src, dst=copy.dst,
+            src_dev=copy.src_dev.majmin if copy.src_dev else None,
+            dst_dev=copy.dst_dev.majmin if copy.dst_dev else None,
+            bps_limit=copy.bps_limit, backend=copy.backend, reason=copy.reason,
+            started=copy.started, volume_id=copy.volume_id,
+            cgroup=('%s:%s/%s' % (driver.controller, driver.parent, copy.id)
+                    if driver else None),
+            mountpoint=driver.mountpoint if driver else None,
+            total_bytes=copy.total_bytes)
 
     def active(self) -> List[ActiveCopy]:
         with self._lock:

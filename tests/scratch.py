@@ -1,0 +1,146 @@
+"""Scratch kernel objects for tests: loop devices, partitions, filesystems, mounts.
+
+Everything is registered for cleanup the moment it exists, and torn down in reverse order
+even when the test failed; only objects created here are ever touched.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from typing import Callable, List, Optional, Tuple
+
+MiB = 1 << 20
+
+
+def run(*argv: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(list(argv), check=True, capture_output=True, text=True, **kw)
+
+
+class Scratch:
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix='cct-', dir='/dev/shm')
+        self._cleanups: List[Tuple[str, Callable[[], None]]] = []
+
+    def defer(self, what: str, fn: Callable[[], None]) -> None:
+        self._cleanups.append((what, fn))
+
+    def close(self) -> None:
+        errors = []
+        while self._cleanups:
+            what, fn = self._cleanups.pop()
+            for attempt in range(20):
+                try:
+                    fn()
+                    break
+                except Exception as exc:  # keep cleaning the rest
+                    if attempt == 19:
+                        errors.append('%s: %s' % (what, exc))
+                    time.sleep(0.1)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        if errors:
+            raise RuntimeError('scratch cleanup failed: ' + '; '.join(errors))
+
+    # -- devices --------------------------------------------------------------------
+    def loop(self, size_mib: int = 64, partscan: bool = False) -> str:
+        """A loop device over a sparse file in /dev/shm."""
+        fd, backing = tempfile.mkstemp(prefix='loop-', suffix='.img', dir=self.dir)
+        os.ftruncate(fd, size_mib * MiB)
+        os.close(fd)
+        argv = ['losetup', '-f', '--show'] + (['-P'] if partscan else []) + [backing]
+        dev = run(*argv).stdout.strip()
+        self.defer('losetup -d ' + dev, lambda: run('losetup', '-d', dev))
+        return dev
+
+    def partitioned_loop(self, size_mib: int = 96, sizes_mib: Tuple[int, ...] = (40, 40)
+                         ) -> Tuple[str, List[str]]:
+        """A loop device with a DOS partition table; partitions from the kernel's own
+        parser when it has one (partscan), else added from userspace with partx."""
+        dev = self.loop(size_mib, partscan=True)
+        table = 'label: dos\n' + ''.join(',%dMiB\n' % s for s in sizes_mib)
+        run('sfdisk', '-q', '--no-reread', dev, input=table)
+        parts = ['%sp%d' % (dev, i + 1) for i in range(len(sizes_mib))]
+        subprocess.run(['blockdev', '--rereadpt', dev], capture_output=True)
+        if not os.path.exists(parts[0]) or not _sysfs_has_partitions(dev):
+            run('partx', '-a', dev)
+            self.defer('partx -d ' + dev,
+                       lambda: subprocess.run(['partx', '-d', dev], capture_output=True))
+        for part in parts:
+            _wait_for(lambda p=part: os.path.exists(p), 'partition node %s' % part)
+        return dev, parts
+
+    def mkfs_mount(self, dev: str, fstype: str) -> str:
+        if fstype == 'ext4':
+            run('mkfs.ext4', '-q', '-F', dev)
+        elif fstype == 'btrfs':
+            run('mkfs.btrfs', '-q', '-f', dev)
+        else:
+            raise ValueError(fstype)
+        return self.mount(dev, fstype)
+
+    def mount(self, source: str, fstype: str, options: Optional[str] = None) -> str:
+        point = tempfile.mkdtemp(prefix='mnt-', dir=self.dir)
+        argv = ['mount', '-t', fstype] + (['-o', options] if options else []) + [source, point]
+        run(*argv)
+        self.defer('umount ' + point, lambda: run('umount', point))
+        return point
+
+    def tmpfs(self, size_mib: int = 128) -> str:
+        return self.mount('tmpfs', 'tmpfs', 'size=%dm' % size_mib)
+
+
+def _sysfs_has_partitions(dev: str) -> bool:
+    name = os.path.basename(dev)
+    return any(e.startswith(name + 'p') for e in os.listdir('/sys/block/' + name))
+
+
+def _wait_for(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise RuntimeError('timed out waiting for ' + what)
+        time.sleep(0.05)
+
+
+def fill_random(path: str, size: int) -> str:
+    """Write ``size`` random bytes to ``path`` (device or file), bypassing the page cache
+    where possible; return their sha256."""
+    data = os.urandom(size)
+    flags = os.O_WRONLY | (os.O_CREAT if not path.startswith('/dev/') else 0)
+    fd = os.open(path, flags, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        # Drop the clean pages so the copy under test reads from the device.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_prefix(path: str, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        left = size
+        while left:
+            chunk = f.read(min(left, 4 * MiB))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def timed(argv: List[str]) -> float:
+    """Run argv, fail loudly with its stderr, return wall seconds."""
+    t0 = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    elapsed = time.monotonic() - t0
+    if proc.returncode:
+        raise AssertionError('%s failed (%d): %s' % (argv, proc.returncode, proc.stderr))
+    return elapsed
