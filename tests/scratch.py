@@ -51,7 +51,14 @@ class Scratch:
         os.ftruncate(fd, size_mib * MiB)
         os.close(fd)
         argv = ['losetup', '-f', '--show'] + (['-P'] if partscan else []) + [backing]
-        dev = run(*argv).stdout.strip()
+        for attempt in range(10):  # another process may grab the same free device
+            proc = subprocess.run(argv, capture_output=True, text=True)
+            if proc.returncode == 0:
+                break
+            time.sleep(0.1 * (attempt + 1))
+        else:
+            raise RuntimeError('losetup failed: %s' % proc.stderr)
+        dev = proc.stdout.strip()
         self.defer('losetup -d ' + dev, lambda: run('losetup', '-d', dev))
         return dev
 
