@@ -32,6 +32,9 @@ class BlockDevice:
     major: int
     minor: int
     name: str  # kernel name, e.g. 'loop3', 'dm-0', 'nvme0n1'
+    # True when the path was a file (or a file to be created) on this disk's filesystem:
+    # its writes may be buffered, and v1 does not charge writeback to the writer.
+    via_file: bool = dataclasses.field(default=False, compare=False)
 
     @property
     def majmin(self) -> str:
@@ -74,24 +77,34 @@ def _unescape_mountinfo(field: str) -> str:
             .replace('\\012', '\n').replace('\\134', '\\'))
 
 
-def mount_source(st_dev: int) -> Optional[str]:
-    """Mount source of the filesystem whose st_dev is ``st_dev`` (for anonymous-dev fs)."""
-    want = '%d:%d' % (os.major(st_dev), os.minor(st_dev))
+def mount_source(path: str) -> Optional[str]:
+    """Mount source of the filesystem holding ``path`` (its innermost mount).
+
+    Matching by path rather than by st_dev: btrfs gives each subvolume its own anonymous
+    device number, which differs from the one mountinfo lists for the mount.
+    """
+    best, source = -1, None
     with open(MOUNTINFO) as f:
         for line in f:
             fields = line.split()
-            if fields[2] != want:
-                continue
-            sep = fields.index('-')
-            return _unescape_mountinfo(fields[sep + 2])
-    return None
+            point = _unescape_mountinfo(fields[4])
+            inside = path == point or path.startswith(point.rstrip('/') + '/')
+            if inside and len(point) >= best:  # later lines stack on earlier ones
+                sep = fields.index('-')
+                best, source = len(point), _unescape_mountinfo(fields[sep + 2])
+    return source
 
 
-def _filesystem_device(st_dev: int) -> Optional[BlockDevice]:
+def _filesystem_device(path: str, st_dev: int) -> Optional[BlockDevice]:
+    dev = _filesystem_disk(path, st_dev)
+    return dataclasses.replace(dev, via_file=True) if dev else None
+
+
+def _filesystem_disk(path: str, st_dev: int) -> Optional[BlockDevice]:
     if os.major(st_dev) != 0:
         return whole_disk(st_dev)
     # Anonymous device: tmpfs, NFS, overlay (nothing to throttle) or btrfs (mount source).
-    source = mount_source(st_dev)
+    source = mount_source(path)
     if source and source.startswith('/'):
         try:
             st = os.stat(source)
@@ -124,13 +137,13 @@ def resolve(path: str, must_exist: bool = True) -> Optional[BlockDevice]:
                 'neither %s nor its directory %s exist: %s' % (path, parent, exc)) from exc
         if not stat.S_ISDIR(st.st_mode):
             raise DeviceResolutionError('%s: %s is not a directory' % (path, parent))
-        return _filesystem_device(st.st_dev)
+        return _filesystem_device(parent, st.st_dev)
     except OSError as exc:
         raise DeviceResolutionError('cannot stat %s: %s' % (path, exc)) from exc
     if stat.S_ISBLK(st.st_mode):
         return whole_disk(st.st_rdev)
     if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
-        return _filesystem_device(st.st_dev)
+        return _filesystem_device(real, st.st_dev)
     if stat.S_ISCHR(st.st_mode):
         return None
     raise DeviceResolutionError(
