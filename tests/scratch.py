@@ -22,7 +22,9 @@ def run(*argv: str, **kw) -> subprocess.CompletedProcess:
 
 class Scratch:
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix='cct-', dir='/dev/shm')
+        self.dir = tempfile.mkdtemp(prefix='cct-', dir='/dev/shm')  # loop images in RAM
+        # Mount points outside /dev: Cinder refuses to let qemu-img create files under /dev/.
+        self.mnt_dir = tempfile.mkdtemp(prefix='cct-mnt-', dir='/var/tmp')
         self._cleanups: List[Tuple[str, Callable[[], None]]] = []
 
     def defer(self, what: str, fn: Callable[[], None]) -> None:
@@ -41,6 +43,8 @@ class Scratch:
                         errors.append('%s: %s' % (what, exc))
                     time.sleep(0.1)
         shutil.rmtree(self.dir, ignore_errors=True)
+        if not errors:  # never rm -r through a mount that failed to unmount
+            shutil.rmtree(self.mnt_dir, ignore_errors=True)
         if errors:
             raise RuntimeError('scratch cleanup failed: ' + '; '.join(errors))
 
@@ -89,7 +93,7 @@ class Scratch:
         return self.mount(dev, fstype)
 
     def mount(self, source: str, fstype: str, options: Optional[str] = None) -> str:
-        point = tempfile.mkdtemp(prefix='mnt-', dir=self.dir)
+        point = tempfile.mkdtemp(prefix='mnt-', dir=self.mnt_dir)
         argv = ['mount', '-t', fstype] + (['-o', options] if options else []) + [source, point]
         run(*argv)
         self.defer('umount ' + point, lambda: run('umount', point))
@@ -116,7 +120,7 @@ def fill_random(path: str, size: int) -> str:
     """Write ``size`` random bytes to ``path`` (device or file), bypassing the page cache
     where possible; return their sha256."""
     data = os.urandom(size)
-    flags = os.O_WRONLY | (os.O_CREAT if not path.startswith('/dev/') else 0)
+    flags = os.O_WRONLY | (0 if os.path.exists(path) else os.O_CREAT)
     fd = os.open(path, flags, 0o644)
     try:
         view = memoryview(data)
