@@ -15,12 +15,12 @@ import threading
 import time
 from typing import Dict, Iterator, List, Optional
 
-from cinder_cgroup_throttle import devices
-from cinder_cgroup_throttle.cgroups import CgroupDriver, DeviceLimit, get_driver
+from cinder_cgroup_throttle import cleanup, devices, pipeline, privileged, relimit
+from cinder_cgroup_throttle.cgroups import CgroupDriver, DeviceLimit
 from cinder_cgroup_throttle.cgroups.base import validate_cgroup_path
 from cinder_cgroup_throttle.exception import (CgroupUnavailable, CopyNotFound,
                                               ThrottleError)
-from cinder_cgroup_throttle.limits import plan_limits
+from cinder_cgroup_throttle.sharing import StaticLimits, device_limits, fair_shares
 from cinder_cgroup_throttle.registry import Entry, Registry, process_start_time
 from cinder_cgroup_throttle.units import format_rate
 
@@ -48,6 +48,7 @@ class ActiveCopy:
     started: float = dataclasses.field(default_factory=time.time)
     volume_id: Optional[str] = None
     total_bytes: Optional[int] = None
+    requested_bps: int = 0  # its own limit; bps_limit is lower under a host-wide cap
 
 
 def new_copy_id() -> str:
@@ -67,7 +68,8 @@ class CopyManager:
     def __init__(self, cgroup_name: str = DEFAULT_CGROUP, grace: float = 10.0,
                  driver: Optional[CgroupDriver] = None, backend: str = 'auto',
                  allow_unthrottled: bool = False,
-                 registry: Optional[Registry] = None) -> None:
+                 registry: Optional[Registry] = None, host_bps_limit: int = 0,
+                 static: StaticLimits = StaticLimits()) -> None:
         if backend not in BACKENDS:
             raise ThrottleError('backend must be one of %s, not %r'
                                 % ('|'.join(BACKENDS), backend))
@@ -76,17 +78,21 @@ class CopyManager:
         self.backend = backend
         self.allow_unthrottled = allow_unthrottled
         self.registry = registry or Registry()
+        self.host_bps_limit = host_bps_limit  # total of all copies (0 = none), see sharing
+        self.static = static
         self._lock = threading.Lock()
         self._copies: Dict[str, ActiveCopy] = {}
         self._unavailable: Optional[CgroupUnavailable] = None
         self.driver: Optional[CgroupDriver] = driver
         if driver is None and backend != 'pv':
             try:
-                self.driver = get_driver(self.cgroup_name)
+                self.driver = privileged.host_driver(self.cgroup_name)
             except CgroupUnavailable as exc:
                 LOG.warning('cgroup throttling unavailable: %s', exc)
                 self._unavailable = exc
         self._owner_start = process_start_time(os.getpid())
+        # A predecessor killed mid-copy (kill -9) left leaves, limits and entries behind.
+        cleanup.clean_at_start(self.registry, self.driver)
 
     def _choose_backend(self, src: str, dst: str, limits: List[DeviceLimit]) -> tuple:
         """(backend, reason) for one copy; raises when the operator's choice cannot serve."""
@@ -120,25 +126,32 @@ class CopyManager:
         """
         src_dev = devices.resolve(src, must_exist=True)
         dst_dev = devices.resolve(dst, must_exist=False)
-        limits = plan_limits(src_dev, dst_dev, bps_limit)
+        requested, bps_limit = bps_limit, self._first_share(bps_limit)
+        limits = device_limits(src_dev, dst_dev, bps_limit, self.static)
         backend, reason = self._choose_backend(src, dst, limits)
         copy_id = new_copy_id()
         copy = ActiveCopy(
             id=copy_id, src=src, dst=dst, src_dev=src_dev, dst_dev=dst_dev,
             bps_limit=bps_limit, backend=backend, reason=reason, prefix=[],
             limits=limits if backend == 'cgroup' else [], volume_id=volume_id,
-            total_bytes=total_bytes)
+            total_bytes=total_bytes, requested_bps=requested)
         with contextlib.ExitStack() as stack:
             if backend == 'cgroup':
                 stack.enter_context(self._leaf(copy))
             elif backend == 'pv':
                 copy.prefix = [PIPE_COMMAND, '--id', copy_id, '--rate', str(bps_limit),
                                '--state-dir', self.registry.directory, '--']
+                # The pipeline removes its state when it ends; not when it was killed.
+                stack.callback(pipeline.remove_state, self.registry.directory, copy_id)
+            if self.host_bps_limit:  # after the entry is gone: the others get its share
+                stack.callback(self._rebalance)
             self.registry.save(self._entry(copy))
             stack.callback(self.registry.remove, copy_id)
             with self._lock:
                 self._copies[copy_id] = copy
             stack.callback(self._forget, copy_id)
+            if self.host_bps_limit:
+                self._rebalance()
             LOG.info('copy %s: %s -> %s at %s via %s (%s)', copy_id, src, dst,
                      format_rate(bps_limit), backend, reason)
             yield copy
@@ -174,7 +187,8 @@ class CopyManager:
             cgroup=('%s:%s/%s' % (driver.controller, driver.parent, copy.id)
                     if driver else None),
             mountpoint=driver.mountpoint if driver else None,
-            total_bytes=copy.total_bytes)
+            total_bytes=copy.total_bytes,
+            extra=relimit.policy_extra(copy.requested_bps, self.host_bps_limit, self.static))
 
     def active(self) -> List[ActiveCopy]:
         with self._lock:
@@ -188,15 +202,35 @@ class CopyManager:
                     return copy
         raise CopyNotFound('no active copy with id or volume id %r' % ident)
 
-    def set_limit(self, ident: str, bps_limit: int) -> ActiveCopy:
-        """Change a running copy's rate; the kernel applies it to in-flight I/O at once."""
-        if bps_limit <= 0:
-            raise ThrottleError('a running copy cannot be made unlimited; use a rate > 0')
-        copy = self.find(ident)
+    def _first_share(self, requested: int) -> int:
+        """A new copy's rate before it starts: its fair share next to this process's
+        active copies (``_rebalance`` settles races with copies starting concurrently)."""
+        if not self.host_bps_limit:
+            return requested
         with self._lock:
-            limits = plan_limits(copy.src_dev, copy.dst_dev, bps_limit)
-            assert self.driver is not None
-            self.driver.write_limits(copy.id, limits, previous=copy.limits)
-            copy.limits, copy.bps_limit = limits, bps_limit
-        LOG.info('copy %s: limit changed to %s', copy.id, format_rate(bps_limit))
+            others = {c.id: c.requested_bps for c in self._copies.values()}
+        return fair_shares(dict(others, **{'': requested}), self.host_bps_limit)['']
+
+    def _rebalance(self) -> None:
+        self._sync(relimit.rebalance(self.registry))
+
+    def _sync(self, entries: List[Entry]) -> None:
+        """Mirror rates that relimit put in force (the registry is the source of truth)."""
+        with self._lock:
+            for entry in entries:
+                copy = self._copies.get(entry.id)
+                if copy is None:
+                    continue
+                copy.requested_bps = int(entry.extra.get('requested_bps', copy.requested_bps))
+                copy.bps_limit = entry.bps_limit
+                if copy.backend == 'cgroup':
+                    copy.limits = device_limits(copy.src_dev, copy.dst_dev, copy.bps_limit,
+                                                self.static)
+
+    def set_limit(self, ident: str, bps_limit: int) -> ActiveCopy:
+        """Change a running copy's rate (by copy id or volume id) as the CLI does; it is
+        in force at once, within this process's host-wide cap."""
+        copy = self.find(ident)
+        self._sync([relimit.set_limit(copy.id, bps_limit, self.registry)])
+        LOG.info('copy %s: limit changed to %s', copy.id, format_rate(copy.bps_limit))
         return copy

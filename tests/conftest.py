@@ -25,6 +25,13 @@ def pytest_configure(config):
         config.addinivalue_line('markers', line)
 
 
+def pytest_runtest_setup(item):
+    # tools/vm/run.sh sets CCT_VM=1 in the guest; elsewhere a vm test must be deselected.
+    if item.get_closest_marker('vm') and os.environ.get('CCT_VM') != '1':
+        pytest.fail('%s needs the VM lane: run it with tools/run-vm-tests.sh PYTHON, or '
+                    'deselect it with -m "not vm"' % item.nodeid, pytrace=False)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

@@ -70,14 +70,21 @@ def _check_writable(path: str, readonly: bool) -> None:
                                 % (path, os.geteuid()))
 
 
-def get_driver(parent: str, host: Optional[CgroupHost] = None) -> CgroupDriver:
-    """Driver for this host; CgroupUnavailable says why none can be used."""
+def get_driver(parent: str, host: Optional[CgroupHost] = None,
+               check_writable: bool = True) -> CgroupDriver:
+    """Driver for this host; CgroupUnavailable says why none can be used.
+
+    ``check_writable=False`` is for callers that write through the root helper
+    (privileged.PrivilegedDriver); a read-only mount is refused either way.
+    """
     host = host or detect()
     if host.v1_blkio:
-        _check_writable(host.v1_blkio, host.v1_blkio_readonly)
+        if check_writable or host.v1_blkio_readonly:
+            _check_writable(host.v1_blkio, host.v1_blkio_readonly)
         return BlkioV1Driver(host.v1_blkio, parent)
     if host.v2_root and host.v2_io:
-        _check_writable(host.v2_root, host.v2_readonly)
+        if check_writable or host.v2_readonly:
+            _check_writable(host.v2_root, host.v2_readonly)
         return IoV2Driver(host.v2_root, parent)
     if host.v2_root:
         raise CgroupUnavailable(

@@ -2,13 +2,18 @@
 
 v2 is hierarchical: ``+io`` has to be enabled in ``cgroup.subtree_control`` of every
 ancestor, and a cgroup that holds processes cannot enable controllers for its children
-(the parent therefore never gets any). ``+memory`` is enabled alongside when available so
+(the parent therefore never gets any). ``+memory`` is enabled alongside where offered so
 that page-cache writeback is charged to the copy's cgroup and throttled too.
+
+On a real v2 host the caller sits in a service's cgroup (not in the exempt root cgroup),
+and a subtree may be delegated with fewer controllers: each level is therefore checked on
+its own, and the two ways this fails are reported as such rather than as a bare errno.
 """
 from __future__ import annotations
 
+import errno
 import os
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, Tuple
 
 from cinder_cgroup_throttle.cgroups.base import CgroupDriver, DeviceLimit, read_file
 from cinder_cgroup_throttle.exception import CgroupOperationError
@@ -17,28 +22,46 @@ from cinder_cgroup_throttle.exception import CgroupOperationError
 class IoV2Driver(CgroupDriver):
     controller = 'io'
 
-    def _controllers_to_enable(self) -> List[str]:
-        available = (read_file(os.path.join(self.mountpoint, 'cgroup.controllers')) or '')
-        return [c for c in ('io', 'memory') if c in available.split()]
-
     def ensure_parent(self) -> None:
-        wanted = self._controllers_to_enable()
         level = self.mountpoint
-        for segment in [''] + self.parent.split('/'):
-            level = os.path.join(level, segment) if segment else level
-            if segment:
-                try:
-                    os.mkdir(level)
-                except FileExistsError:
-                    pass
-                except OSError as exc:
-                    raise CgroupOperationError(
-                        'cannot create cgroup %s: %s' % (level, exc)) from exc
-            control = os.path.join(level, 'cgroup.subtree_control')
-            enabled = (read_file(control) or '').split()
-            for controller in wanted:
-                if controller not in enabled:
-                    self._write(control, '+' + controller)
+        for segment in self.parent.split('/'):
+            self._delegate(level)
+            level = os.path.join(level, segment)
+            try:
+                os.mkdir(level)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise CgroupOperationError(
+                    'cannot create cgroup %s: %s' % (level, exc)) from exc
+        self._delegate(level)
+
+    def _delegate(self, path: str) -> None:
+        """Enable io, and memory where offered, for the children of cgroup ``path``."""
+        available = (read_file(os.path.join(path, 'cgroup.controllers')) or '').split()
+        if 'io' not in available:
+            raise CgroupOperationError(
+                'cgroup %s does not offer the io controller (cgroup.controllers: %s); enable '
+                'io in its parent\'s cgroup.subtree_control or choose another parent cgroup'
+                % (path, ' '.join(available) or 'none'))
+        control = os.path.join(path, 'cgroup.subtree_control')
+        enabled = (read_file(control) or '').split()
+        for controller in ('io', 'memory'):
+            if controller not in available or controller in enabled:
+                continue
+            try:
+                with open(control, 'w') as f:
+                    f.write('+' + controller)
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise CgroupOperationError('writing "+%s" to %s failed: %s'
+                                               % (controller, control, exc)) from exc
+                procs = ' '.join((read_file(os.path.join(path, 'cgroup.procs')) or '').split()[:5])
+                raise CgroupOperationError(
+                    'cannot enable %s for the children of cgroup %s: it holds processes (%s), '
+                    'and cgroup v2 lets only a cgroup without processes pass controllers on; '
+                    'configure a parent cgroup outside any service\'s cgroup, such as a '
+                    'top-level name' % (controller, path, procs or 'exited')) from exc
 
     def write_limits(self, leaf: str, limits: Iterable[DeviceLimit],
                      previous: Iterable[DeviceLimit] = ()) -> None:

@@ -1,0 +1,213 @@
+"""Enable the throttle in a real cinder-volume: one configuration step, no Cinder edits.
+
+In each backend section of cinder.conf::
+
+    volume_driver = cinder_cgroup_throttle.cinder_hook.ThrottledDriver
+    throttled_volume_driver = cinder.volume.drivers.lvm.LVMVolumeDriver   # the real one
+
+Cinder builds ``volume_driver`` with ``importutils.import_object``; ThrottledDriver returns
+an instance of a subclass of the real driver (same class name and module, so Cinder's
+``isinstance`` checks, logs and stats are unchanged) whose ``set_throttle()``, which
+``VolumeManager._init_host`` calls, installs a :class:`PolicyThrottle` as
+``Throttle.get_default()`` for the whole process.
+
+Knowing the volume of a copy: Cinder calls ``throttle.subcommand(src, dst)`` with paths
+only. The volume is known one frame up, in the methods that start copies; they are
+wrapped to record their volumes in a ``contextvars.ContextVar`` (per thread and per
+greenthread, so concurrent copies never see each other's volumes) for their duration:
+
+* ``VolumeManager._copy_volume_data(ctxt, src_vol, dest_vol)``: generic migration and
+  retype; patched on the class once, when the first ThrottledDriver is built;
+* the driver's ``create_cloned_volume``, ``create_volume_from_snapshot``,
+  ``create_volume_from_backup``, ``copy_image_to_volume``, ``copy_volume_to_image``,
+  ``migrate_volume``, ``retype`` and ``delete_volume`` (LVM's wipe of a deleted volume).
+
+A copy started anywhere else sees no volume and gets the operator's limit.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import inspect
+import logging
+import threading
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+
+from oslo_config import cfg
+from oslo_utils import importutils
+
+from cinder_cgroup_throttle import opts, policy
+from cinder_cgroup_throttle.manager import CopyManager
+from cinder_cgroup_throttle.throttle import CgroupThrottle
+
+LOG = logging.getLogger(__name__)
+
+_volumes: contextvars.ContextVar[Tuple[Any, ...]] = contextvars.ContextVar(
+    'cinder_cgroup_throttle_volumes', default=())
+
+#: Driver methods that may copy data, and their parameters holding volumes.
+DRIVER_METHODS = ('create_cloned_volume', 'create_volume_from_snapshot',
+                  'create_volume_from_backup', 'copy_image_to_volume',
+                  'copy_volume_to_image', 'migrate_volume', 'retype', 'delete_volume')
+VOLUME_PARAMS = ('volume', 'src_vref')
+
+
+@contextlib.contextmanager
+def copying(*volumes: Any) -> Iterator[None]:
+    """Copies started inside this block are copies of ``volumes`` (the first one names
+    the copy in the registry)."""
+    token = _volumes.set(tuple(v for v in volumes if v is not None) + _volumes.get())
+    try:
+        yield
+    finally:
+        _volumes.reset(token)
+
+
+def current_volumes() -> Tuple[Any, ...]:
+    return _volumes.get()
+
+
+def _volume_id(volume: Any) -> Optional[str]:
+    try:
+        return volume['id'] if isinstance(volume, dict) else volume.id
+    except Exception:
+        return None
+
+
+def with_admin_metadata(volume: Any) -> Any:
+    """``volume`` with its admin metadata readable by policy.
+
+    Cinder loads a Volume's admin metadata only for admin contexts; copies started for a
+    user (image to volume, clone) carry the user's context, in which admin metadata reads
+    as empty. It is read here, read-only, with an elevated copy of the volume's context,
+    so that an operator's per-volume setting applies on every path.
+    """
+    ctxt = getattr(volume, '_context', None)
+    if ctxt is None or not hasattr(volume, 'obj_attr_is_set'):
+        return volume  # not a Cinder object from the database: nothing more to read
+    try:
+        if ctxt.is_admin and volume.obj_attr_is_set('admin_metadata'):
+            return volume
+        from cinder.db import api as db
+        admin = db.volume_admin_metadata_get(ctxt.elevated(), volume.id)
+        return {'id': volume.id, 'metadata': dict(volume.metadata),
+                'admin_metadata': dict(admin)}
+    except Exception as exc:  # never fail a copy over metadata
+        LOG.warning('volume %s: cannot read admin metadata (%s); using its metadata only',
+                    _volume_id(volume), exc)
+        return volume
+
+
+class PolicyThrottle(CgroupThrottle):
+    """CgroupThrottle whose rate per copy comes from policy: config, then volume metadata."""
+
+    def __init__(self, config: policy.ThrottleConfig,
+                 manager: Optional[CopyManager] = None) -> None:
+        self.config = config
+        super().__init__(config.bps_limit, cgroup_name=config.cgroup_name, manager=manager
+                         or CopyManager(config.cgroup_name, backend=config.backend,
+                                        allow_unthrottled=config.allow_unthrottled,
+                                        host_bps_limit=config.host_bps_limit,
+                                        static=config.static))
+
+    @contextlib.contextmanager
+    def subcommand(self, srcpath: str, dstpath: str) -> Iterator[Dict[str, Any]]:
+        volumes = current_volumes()
+        if self.config.metadata_key:
+            volumes = tuple(with_admin_metadata(v) for v in volumes)
+        bps = policy.copy_bps_limit(volumes, self.config.bps_limit, self.config.metadata_key)
+        if not (bps or self.config.host_bps_limit or self.config.static):
+            yield {'prefix': []}
+            return
+        volume_id = _volume_id(volumes[0]) if volumes else None
+        with self.manager.copy(srcpath, dstpath, bps, volume_id=volume_id) as copy:
+            yield {'prefix': list(copy.prefix)}
+
+
+def _with_volumes(method: Callable[..., Any]) -> Callable[..., Any]:
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(self, *args, **kwargs).arguments
+        except TypeError:  # let the real method report the bad call
+            return method(self, *args, **kwargs)
+        with copying(*(bound.get(name) for name in VOLUME_PARAMS)):
+            return method(self, *args, **kwargs)
+
+    wrapper.__cinder_cgroup_throttle__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+class _ThrottleHook:
+    """Mixed in front of the real driver class."""
+
+    configuration: Any
+    _throttle: Any
+
+    def set_throttle(self) -> None:
+        from cinder.volume import throttling
+        group = getattr(self.configuration, 'config_group', None)
+        config = policy.load_config(cfg.CONF, group)
+        self._throttle = PolicyThrottle(config)
+        throttling.Throttle.set_default(self._throttle)
+        LOG.info('volume copies of backend %s are throttled per copy: %s', group or
+                 'DEFAULT', config)
+
+
+_subclasses: Dict[type, type] = {}
+_subclass_lock = threading.Lock()
+
+
+def throttled_class(real: type) -> type:
+    """The real driver class with our set_throttle() and volume-aware copy methods."""
+    with _subclass_lock:
+        if real not in _subclasses:
+            namespace: Dict[str, Any] = {'__module__': real.__module__,
+                                         '__qualname__': real.__qualname__}
+            for name in DRIVER_METHODS:
+                method = getattr(real, name, None)
+                if callable(method):
+                    namespace[name] = _with_volumes(method)
+            _subclasses[real] = type(real.__name__, (_ThrottleHook, real), namespace)
+        return _subclasses[real]
+
+
+def install_manager_hook() -> None:
+    """Make ``VolumeManager._copy_volume_data`` record its volumes (idempotent)."""
+    from cinder.volume import manager
+    original = manager.VolumeManager._copy_volume_data
+    if getattr(original, '__cinder_cgroup_throttle__', False):
+        return
+
+    @functools.wraps(original)
+    def _copy_volume_data(self: Any, ctxt: Any, src_vol: Any, dest_vol: Any,
+                          *args: Any, **kwargs: Any) -> Any:
+        with copying(src_vol, dest_vol):
+            return original(self, ctxt, src_vol, dest_vol, *args, **kwargs)
+
+    _copy_volume_data.__cinder_cgroup_throttle__ = True  # type: ignore[attr-defined]
+    manager.VolumeManager._copy_volume_data = _copy_volume_data
+
+
+class ThrottledDriver:
+    """``volume_driver`` value that builds ``throttled_volume_driver`` with our throttle."""
+
+    def __new__(cls, *args: Any, configuration: Any = None, **kwargs: Any) -> Any:
+        if configuration is not None:
+            configuration.append_config_values(opts.hook_opts)
+            real_path = configuration.safe_get('throttled_volume_driver')
+        else:
+            cfg.CONF.register_opts(opts.hook_opts)
+            real_path = cfg.CONF.throttled_volume_driver
+        if not real_path:
+            raise ValueError('volume_driver is %s.%s but throttled_volume_driver (the real '
+                             'driver class) is not set' % (__name__, cls.__name__))
+        real = importutils.import_class(real_path)
+        if issubclass(real, (ThrottledDriver, _ThrottleHook)):
+            raise ValueError('throttled_volume_driver must be the real driver class, not '
+                             '%s' % real_path)
+        install_manager_hook()
+        return throttled_class(real)(*args, configuration=configuration, **kwargs)

@@ -1,0 +1,117 @@
+"""oslo.config options of the throttle, and their registration next to Cinder's.
+
+Two options keep Cinder's own names (``volume_copy_bps_limit``,
+``volume_copy_blkio_cgroup_name``) so an existing cinder.conf keeps working. oslo.config
+raises DuplicateOptError when two *different* opts share a name in a group, and accepts
+re-registration of an *equal* one; these two are therefore exact copies of Cinder 29's
+definitions (a unit test compares them), whichever side registers first.
+
+Rates in our own options accept units (``8Mi``, ``10M``; see ``units.parse_rate``);
+``volume_copy_bps_limit`` stays an integer in bytes/s because its type is Cinder's.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+from oslo_config import cfg
+from oslo_config import types
+
+from cinder_cgroup_throttle.units import parse_rate
+
+#: Cinder's group of values shared by all backend sections.
+SHARED_GROUP = 'backend_defaults'
+DEFAULT_METADATA_KEY = 'volume_copy_bps_limit'
+
+
+class Rate(types.ConfigType):
+    """Bytes per second, plain or with a unit (K/M/G = x1000, Ki/Mi/Gi = x1024)."""
+
+    def __init__(self, type_name: str = 'rate value') -> None:
+        super().__init__(type_name=type_name)
+
+    def __call__(self, value: Any) -> int:
+        return parse_rate(value)  # InvalidRate is a ValueError: oslo.config reports it
+
+    def __eq__(self, other: object) -> bool:
+        return self.__class__ == other.__class__
+
+    __hash__ = types.ConfigType.__hash__
+
+    def _formatter(self, value: Any) -> str:
+        return str(value)
+
+
+# Exact copies of cinder/volume/driver.py (29.0.0) volume_opts entries: see module doc.
+cinder_opts = [
+    cfg.StrOpt('volume_copy_blkio_cgroup_name',
+               default='cinder-volume-copy',
+               help='The blkio cgroup name to be used to limit bandwidth '
+                    'of volume copy'),
+    cfg.IntOpt('volume_copy_bps_limit',
+               default=0,
+               help='The upper limit of bandwidth of volume copy. '
+                    '0 => unlimited'),
+]
+
+throttle_opts = [
+    cfg.Opt('volume_copy_read_bps_limit', type=Rate(), default=0,
+            help='Read limit in bytes/s on the source device of every host-based '
+                 'volume copy, in addition to volume_copy_bps_limit (which limits one '
+                 'direction only). Units: K, M, G (x1000) or Ki, Mi, Gi (x1024). '
+                 '0 => no read limit.'),
+    cfg.Opt('volume_copy_write_bps_limit', type=Rate(), default=0,
+            help='Write limit in bytes/s on the destination device of every copy, '
+                 'in addition to volume_copy_bps_limit. Units as for '
+                 'volume_copy_read_bps_limit. 0 => no write limit.'),
+    cfg.IntOpt('volume_copy_read_iops_limit', default=0, min=0,
+               help='Read operations per second on the source device of every copy. '
+                    '0 => unlimited.'),
+    cfg.IntOpt('volume_copy_write_iops_limit', default=0, min=0,
+               help='Write operations per second on the destination device of every '
+                    'copy. 0 => unlimited.'),
+    cfg.Opt('volume_copy_host_bps_limit', type=Rate(), default=0,
+            help='Total bytes/s for all concurrent copies of this backend process. Each '
+                 'active copy gets the smaller of its own limit and a fair share of '
+                 'this total, re-balanced when copies start and end. Set it, with '
+                 'volume_copy_bps_limit = 0, to get Cinder\'s built-in behaviour (one '
+                 'total split across copies). 0 => no host-wide cap.'),
+    cfg.StrOpt('volume_copy_throttle_backend', default='auto',
+               choices=[('auto', 'a cgroup when one can throttle the copy, else pv'),
+                        ('cgroup', 'a blkio/io cgroup per copy; a copy that no cgroup '
+                                   'can throttle fails'),
+                        ('pv', 'always a pv pipeline')],
+               help='How copies are throttled.'),
+    cfg.BoolOpt('volume_copy_allow_unthrottled', default=False,
+                help='Run a copy without a limit when nothing can throttle it (no block '
+                     'device and no pv), instead of failing it.'),
+    cfg.StrOpt('volume_copy_bps_limit_metadata_key', default=DEFAULT_METADATA_KEY,
+               help='Volume metadata key holding a per-volume copy rate (bytes/s or '
+                    'with units). A value in user metadata can only lower the limit '
+                    'set here; a value in admin metadata replaces it. Empty => '
+                    'metadata is not consulted.'),
+]
+
+# Read by cinder_hook.ThrottledDriver, the one-line way to enable the throttle.
+hook_opts = [
+    cfg.StrOpt('throttled_volume_driver',
+               help='The real volume driver class when volume_driver is '
+                    'cinder_cgroup_throttle.cinder_hook.ThrottledDriver, e.g. '
+                    'cinder.volume.drivers.lvm.LVMVolumeDriver. Its copies are '
+                    'throttled per copy by cinder-cgroup-throttle.'),
+]
+
+ALL_OPTS = cinder_opts + throttle_opts + hook_opts
+
+
+def register_opts(conf: cfg.ConfigOpts, backend_group: Optional[str] = None) -> None:
+    """Register every option in [DEFAULT], [backend_defaults] and the backend's section.
+
+    Safe whether or not Cinder registered its two options before or does so after.
+    """
+    for group in (None, SHARED_GROUP, backend_group):
+        conf.register_opts(ALL_OPTS, group=group)  # re-registering equal opts is a no-op
+
+
+def list_opts() -> List[Tuple[str, Sequence[cfg.Opt]]]:
+    """Entry point for oslo-config-generator (namespace ``cinder_cgroup_throttle``)."""
+    return [(SHARED_GROUP, ALL_OPTS)]

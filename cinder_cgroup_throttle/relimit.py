@@ -1,0 +1,158 @@
+"""Change the rate of running copies, from the owning process or from any other (the CLI).
+
+The registry is the single source of truth, so both kinds of caller agree: each entry
+records what the copy asked for (``extra['requested_bps']``), the owner's host-wide cap
+(``extra['host_bps_limit']``) and its static per-direction limits (``extra['static']``);
+``bps_limit`` is the rate in force. Every change re-computes the fair shares of all copies
+of that owner and applies the ones that moved, under an exclusive lock on the state
+directory, so a re-limit from the CLI and a copy starting in cinder-volume never interleave.
+
+Applying a rate: the cgroup backend rewrites the leaf's limit files (the kernel applies a
+new limit to in-flight I/O at once); the pv backend leaves a rate request next to the
+pipeline's state (``pipeline.request_rate``), which the pipeline applies with
+``pv -R PID -L RATE`` within its 0.2 s poll, or at its start if it is not running yet.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+from typing import Dict, Iterator, List, Optional
+
+from cinder_cgroup_throttle import pipeline, privileged
+from cinder_cgroup_throttle.cleanup import LEAF_ID, entry_leaf
+from cinder_cgroup_throttle.devices import BlockDevice
+from cinder_cgroup_throttle.exception import CopyNotFound, ThrottleError
+from cinder_cgroup_throttle.registry import Entry, Registry
+from cinder_cgroup_throttle.sharing import StaticLimits, device_limits, fair_shares
+from cinder_cgroup_throttle.units import format_rate
+
+LOG = logging.getLogger(__name__)
+
+LOCK_FILE = '.relimit.lock'
+
+
+def policy_extra(requested_bps: int, host_bps_limit: int,
+                 static: StaticLimits) -> Dict[str, object]:
+    """What a new registry entry records so that any process can re-balance it."""
+    return {'requested_bps': requested_bps, 'host_bps_limit': host_bps_limit,
+            'static': dataclasses.asdict(static)}
+
+
+@contextlib.contextmanager
+def locked(registry: Registry) -> Iterator[None]:
+    """Exclusive lock over re-balancing the copies of ``registry``."""
+    os.makedirs(registry.directory, mode=0o755, exist_ok=True)
+    fd = os.open(os.path.join(registry.directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _device(majmin: Optional[str]) -> Optional[BlockDevice]:
+    if not majmin:
+        return None
+    major, minor = (int(n) for n in majmin.split(':'))
+    return BlockDevice(major, minor, majmin)
+
+
+def apply(entry: Entry, bps: int, state_dir: str) -> None:
+    """Put ``bps`` in force for a running copy (``entry.bps_limit`` is the current rate)."""
+    if entry.backend == 'cgroup':
+        found = entry_leaf(entry)
+        assert found is not None
+        driver, leaf = found
+        if os.geteuid() != 0:  # as the copy's owner does: through the root helper
+            driver = privileged.PrivilegedDriver(driver, privileged.default_root_helper())
+        src, dst = _device(entry.src_dev), _device(entry.dst_dev)
+        static = StaticLimits(**entry.extra.get('static', {}))
+        driver.write_limits(leaf, device_limits(src, dst, bps, static),
+                            previous=device_limits(src, dst, entry.bps_limit, static))
+    elif entry.backend == 'pv':
+        if pipeline.read_pipe_state(state_dir, entry.id) is None:
+            # Not running yet: the pipeline applies a pending request at its first poll.
+            pipeline.write_json(pipeline.rate_request_path(state_dir, entry.id),
+                                {'rate': bps})
+            return
+        try:
+            pipeline.request_rate(state_dir, entry.id, bps)
+        except (RuntimeError, ValueError) as exc:
+            raise ThrottleError('cannot re-limit copy %s: %s' % (entry.id, exc)) from exc
+    else:
+        LOG.warning('copy %s runs unthrottled (%s): nothing to re-limit',
+                    entry.id, entry.reason)
+
+
+def _rebalance_locked(registry: Registry, owner_pid: int,
+                      strict: Optional[str] = None) -> List[Entry]:
+    """Apply the fair shares; a copy that cannot be re-limited keeps its rate and is only
+    logged (a copy ending must not fail because another could not speed up), except
+    ``strict``, the copy the caller asked about."""
+    entries = [e for e in registry.entries() if e.owner_pid == owner_pid]
+    if not entries:
+        return []
+    cap = max(int(e.extra.get('host_bps_limit') or 0) for e in entries)
+    requested = {e.id: int(e.extra.get('requested_bps', e.bps_limit)) for e in entries}
+    shares = fair_shares(requested, cap)
+    for entry in entries:
+        share = shares[entry.id]
+        if share != entry.bps_limit:
+            try:
+                apply(entry, share, registry.directory)
+            except (ThrottleError, OSError) as exc:
+                if entry.id == strict:
+                    raise
+                LOG.warning('copy %s: cannot change its rate to %s: %s', entry.id,
+                            format_rate(share), exc)
+                continue
+            LOG.info('copy %s: rate %s -> %s (asked %s, host cap %s, %d copies)', entry.id,
+                     format_rate(entry.bps_limit), format_rate(share),
+                     format_rate(requested[entry.id]) if requested[entry.id] else 'no limit',
+                     format_rate(cap) if cap else 'none', len(entries))
+            entry.bps_limit = share
+            registry.save(entry)
+    return entries
+
+
+def rebalance(registry: Registry, owner_pid: Optional[int] = None) -> List[Entry]:
+    """Re-compute and apply the rates of every active copy of ``owner_pid`` (default:
+    this process); call it after a copy of that owner started or ended."""
+    with locked(registry):
+        return _rebalance_locked(registry, owner_pid or os.getpid())
+
+
+def find(ident: str, registry: Registry) -> Entry:
+    """The active copy with copy id ``ident``, or the only one of volume ``ident``."""
+    entry = registry.load(ident) if LEAF_ID.match(ident) else None
+    if entry is not None:
+        return entry
+    matches = [e for e in registry.entries() if e.volume_id == ident]
+    if not matches:
+        raise CopyNotFound('no active copy with id or volume id %r in %s'
+                           % (ident, registry.directory))
+    if len(matches) > 1:
+        raise ThrottleError('volume %s has %d active copies (%s): give a copy id'
+                            % (ident, len(matches), ', '.join(e.id for e in matches)))
+    return matches[0]
+
+
+def set_limit(ident: str, bps: int, registry: Registry) -> Entry:
+    """Set the rate a running copy asks for; returns its entry with the rate now in force
+    (lower than ``bps`` when the owner's host-wide cap gives it a smaller fair share)."""
+    if isinstance(bps, bool) or not isinstance(bps, int) or bps <= 0:
+        raise ThrottleError('a running copy needs a rate > 0 bytes/s, not %r' % (bps,))
+    with locked(registry):
+        entry = find(ident, registry)
+        if not entry.owner_alive():
+            raise CopyNotFound('copy %s: its owner (pid %d) is gone'
+                               % (entry.id, entry.owner_pid))
+        entry.extra['requested_bps'] = bps
+        registry.save(entry)
+        for current in _rebalance_locked(registry, entry.owner_pid, strict=entry.id):
+            if current.id == entry.id:
+                return current
+    raise CopyNotFound('copy %s ended while being re-limited' % entry.id)

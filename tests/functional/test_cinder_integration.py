@@ -1,0 +1,244 @@
+"""The one-step enabling in a real cinder-volume, and volume metadata on Cinder's own paths.
+
+A real Cinder 29 ``VolumeManager`` is built from a real cinder.conf (sqlite database
+migrated with Cinder's own ``db_sync``, oslo.messaging's in-process ``fake://``
+transport with a real RPC server for the manager), exactly as cinder-volume builds it:
+``volume_driver = cinder_cgroup_throttle.cinder_hook.ThrottledDriver`` with
+``throttled_volume_driver = cinder.volume.drivers.lvm.LVMVolumeDriver``. The manager's
+``driver.set_throttle()`` (what ``_init_host`` calls) must install our throttle.
+
+Generic migration runs Cinder's real ``VolumeManager._copy_volume_data`` on volumes stored in
+the database with (admin) metadata. Only the attachment is replaced: in production it is an
+iSCSI/FC connection to the backend (LVM needs device-mapper, absent here); here a volume
+"attaches" as a loop device. Volumes are 1 GB in the database, so dd is asked for 1 GiB and
+copies the 32 MiB loop device to its end.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import tempfile
+import time
+
+import pytest
+
+from cinder_cgroup_throttle.registry import Registry
+from tests.scratch import MiB, fill_random, sha256_prefix
+
+pytestmark = [pytest.mark.kernel, pytest.mark.cinder]
+
+BACKEND_RATE = 8 * MiB  # [backend_defaults]; [DEFAULT] says 2 MiB/s, which must lose
+KEY = 'volume_copy_bps_limit'
+HOST = socket.gethostname()
+DEVICE_SIZE = 32 * MiB
+
+CINDER_CONF = """\
+[DEFAULT]
+enabled_backends = lvm-1,lvm-2
+transport_url = fake:/
+rpc_response_timeout = 10
+state_path = {dir}
+volume_copy_bps_limit = 2097152
+
+[database]
+connection = sqlite:///{dir}/cinder.sqlite
+
+[oslo_concurrency]
+lock_path = {dir}
+
+[backend_defaults]
+volume_copy_bps_limit = {rate}
+volume_copy_blkio_cgroup_name = {cgroup}
+volume_copy_throttle_backend = cgroup
+
+[lvm-1]
+volume_driver = cinder_cgroup_throttle.cinder_hook.ThrottledDriver
+throttled_volume_driver = cinder.volume.drivers.lvm.LVMVolumeDriver
+volume_backend_name = lvm-1
+target_helper = fake
+
+[lvm-2]
+volume_driver = cinder_cgroup_throttle.cinder_hook.ThrottledDriver
+throttled_volume_driver = cinder.volume.drivers.lvm.LVMVolumeDriver
+volume_backend_name = lvm-2
+target_helper = fake
+# Explicit 0: this backend is not throttled (Cinder itself would fall back to [DEFAULT]).
+volume_copy_bps_limit = 0
+"""
+
+
+@pytest.fixture(scope='module')
+def cinder_volume(cinder_modules, cgroup_parent):
+    """Two real VolumeManagers (lvm-1, lvm-2) of one cinder.conf; lvm-1 serves RPC."""
+    import oslo_messaging as messaging
+    import os_brick.privileged
+    from oslo_config import cfg
+
+    from cinder import context, objects, rpc, version
+    from cinder.common import config  # noqa: F401  (registers Cinder's options)
+    from cinder.common import constants
+    from cinder.db import migration
+
+    objects.register_all()  # before cinder.volume.manager, whose imports need objects
+    from cinder.volume import manager as volume_manager
+
+    # Root in-process: os-brick's privsep (connector properties) without its daemon.
+    os_brick.privileged.default.set_client_mode(False)
+    workdir = tempfile.mkdtemp(prefix='cct-cinder-')
+    path = os.path.join(workdir, 'cinder.conf')
+    with open(path, 'w') as f:
+        f.write(CINDER_CONF.format(dir=workdir, rate=BACKEND_RATE, cgroup=cgroup_parent))
+    conf = cfg.CONF
+    conf([], project='cinder', version=version.version_string(), default_config_files=[path])
+    migration.db_sync()
+    rpc.init(conf)
+
+    class LoopAttachManager(volume_manager.VolumeManager):
+        """The real manager; only attaching a volume is a loop device (see module doc)."""
+
+        devices: dict = {}
+
+        def _attach_volume(self, ctxt, volume, properties, remote=False,
+                           attach_encryptor=False):
+            return {'device': {'path': self.devices[volume.id]}, 'connector': None}
+
+        def _detach_volume(self, *args, **kwargs):
+            pass
+
+    managers = {name: LoopAttachManager(service_name=name, host='%s@%s' % (HOST, name))
+                for name in ('lvm-1', 'lvm-2')}
+    # How cinder.service.Service listens for a backend since RPC 3.6.
+    server = rpc.get_server(messaging.Target(topic='%s.%s@lvm-1' % (constants.VOLUME_TOPIC,
+                                                                    HOST), server=HOST),
+                            [managers['lvm-1']])
+    server.start()
+    try:
+        yield managers, context.get_admin_context()
+    finally:
+        server.stop()
+        server.wait()
+        rpc.cleanup()
+        conf.clear()
+
+
+@pytest.fixture
+def set_throttle(cinder_volume, cinder_modules, state_dir):
+    """Run a manager's ``driver.set_throttle()``; restore Cinder's default afterwards."""
+    throttling = cinder_modules[1]
+    previous = throttling.Throttle.DEFAULT
+    installed = []
+
+    def run(backend: str):
+        driver = cinder_volume[0][backend].driver
+        driver.set_throttle()
+        installed.append(driver._throttle)
+        return driver._throttle
+
+    yield run
+    throttling.Throttle.set_default(previous)
+    for throttle in installed:
+        leftovers = throttle.manager.driver.leaves() if throttle.manager.driver else []
+        assert not leftovers, 'cgroups left behind: %s' % leftovers
+    assert not Registry(state_dir).entries()
+
+
+def test_config_step_installs_our_throttle(scratch, cinder_volume, cinder_modules,
+                                           set_throttle):
+    from cinder.volume.drivers.lvm import LVMVolumeDriver
+
+    from cinder_cgroup_throttle.cinder_hook import PolicyThrottle
+    _, throttling, volume_utils, _ = cinder_modules
+    driver = cinder_volume[0]['lvm-1'].driver
+    assert isinstance(driver, LVMVolumeDriver)
+    assert type(driver).__name__ == 'LVMVolumeDriver'
+    throttle = set_throttle('lvm-1')
+    assert throttling.Throttle.get_default() is throttle
+    assert isinstance(throttle, PolicyThrottle)
+    assert throttle.config.bps_limit == BACKEND_RATE
+    src, dst = scratch.loop(32), scratch.loop(32)
+    digest = fill_random(src, 24 * MiB)
+    t0 = time.monotonic()
+    volume_utils.copy_volume(src, dst, 24, '1M')
+    rate = 24 * MiB / (time.monotonic() - t0)
+    assert sha256_prefix(dst, 24 * MiB) == digest
+    print('copy_volume under the installed throttle: %.2f MiB/s' % (rate / MiB))
+    assert 0.8 <= rate / BACKEND_RATE <= 1.15
+
+
+def test_explicit_zero_in_backend_section_disables(scratch, cinder_modules, set_throttle,
+                                                   caplog):
+    volume_utils = cinder_modules[2]
+    throttle = set_throttle('lvm-2')
+    assert throttle.config.bps_limit == 0
+    src, dst = scratch.loop(32), scratch.loop(32)
+    fill_random(src, 24 * MiB)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.DEBUG, logger='oslo_concurrency.processutils'):
+        volume_utils.copy_volume(src, dst, 24, '1M')
+    rate = 24 * MiB / (time.monotonic() - t0)
+    commands = re.findall(r'Running cmd \(subprocess\): (.*)', caplog.text)
+    copies = [c for c in commands if 'count=%d' % (24 * MiB) in c]
+    print('lvm-2 (volume_copy_bps_limit = 0): %.1f MiB/s, unthrottled: %s'
+          % (rate / MiB, copies))
+    assert len(copies) == 1 and copies[0].startswith('dd if=%s ' % src)
+    assert rate > 1.5 * BACKEND_RATE
+
+
+@pytest.mark.parametrize('user, admin, user_context, expected', [
+    ('4Mi', None, False, 4 * MiB),
+    ('32Mi', None, False, BACKEND_RATE),
+    (None, '16Mi', False, 16 * MiB),
+    (None, '16Mi', True, 16 * MiB),
+    ('not-a-rate', None, False, BACKEND_RATE),
+], ids=['user-lowers', 'user-cannot-raise', 'admin-raises', 'admin-raises-user-context',
+        'invalid-ignored'])
+def test_migration_copy_honours_volume_metadata(scratch, cinder_volume, set_throttle, caplog,
+                                                user, admin, user_context, expected):
+    """``user_context``: the volumes were loaded by a non-admin request, so Cinder did
+    not load their admin metadata; the hook must read it itself."""
+    from cinder import context, objects
+    from cinder.volume import manager as volume_manager
+    managers, ctxt = cinder_volume
+    manager = managers['lvm-1']
+    set_throttle('lvm-1')
+
+    def volume(metadata):
+        vol = objects.Volume(context=ctxt, size=1, host='%s@lvm-1#lvm-1' % HOST,
+                             status='available', project_id='p', user_id='u',
+                             metadata=metadata)
+        vol.create()
+        return vol
+
+    src = volume({KEY: user} if user else {})
+    if admin:
+        src.admin_metadata_update({KEY: admin}, delete=False)  # admin-only in Cinder's API
+    src = objects.Volume.get_by_id(ctxt, src.id)  # as migrate_volume loads it
+    assert src.metadata.get(KEY) == user and src.admin_metadata.get(KEY) == admin
+    # The migration target, made as _migrate_volume_generic makes it: a copy of the
+    # source's fields (its metadata and admin metadata included).
+    skip = ({'snapshot_id', 'source_volid', 'host', 'cluster_name', 'availability_zone'}
+            | manager._VOLUME_CLONE_SKIP_PROPERTIES)
+    dst = objects.Volume(context=ctxt, host='%s@lvm-1#lvm-1' % HOST, status='creating',
+                         **{k: src[k] for k in set(src.keys()) - skip})
+    dst.create()
+    assert dst.metadata == src.metadata and dst.admin_metadata == src.admin_metadata
+    if user_context:
+        as_user = context.RequestContext(user_id='u', project_id='p')
+        src, dst = (objects.Volume.get_by_id(as_user, v.id) for v in (src, dst))
+        assert src.admin_metadata == {}  # what Cinder shows a non-admin
+    manager.devices = {src.id: scratch.loop(32), dst.id: scratch.loop(32)}
+    digest = fill_random(manager.devices[src.id], DEVICE_SIZE)
+    assert getattr(volume_manager.VolumeManager._copy_volume_data,
+                   '__cinder_cgroup_throttle__', False)
+    with caplog.at_level(logging.DEBUG, logger='cinder.volume.volume_utils'):
+        manager._copy_volume_data(ctxt, src, dst)
+    assert sha256_prefix(manager.devices[dst.id], DEVICE_SIZE) == digest
+    # dd's own duration as Cinder measures it (attach and RPC time excluded).
+    durations = re.findall(r'Volume copy details: .* duration ([\d.]+) sec', caplog.text)
+    assert len(durations) == 1, caplog.text
+    rate = DEVICE_SIZE / float(durations[0])
+    print('_copy_volume_data, metadata %r admin %r: %.2f MiB/s (expected %.2f)'
+          % (user, admin, rate / MiB, expected / MiB))
+    assert 0.8 <= rate / expected <= 1.15

@@ -1,0 +1,237 @@
+"""The pv fallback, end to end: real dd | pv | dd pipelines and qemu-img -r, bytes verified.
+
+Copies go through CopyManager's prefix exactly as Cinder runs them (prefix + Cinder's argv),
+so the wrapper's argv parsing, the registry and the published pipe state are all exercised.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cinder_cgroup_throttle import pipeline
+from cinder_cgroup_throttle.manager import PIPE_COMMAND, CopyManager
+from cinder_cgroup_throttle.registry import Registry
+from tests.kernel.test_cgroup_copy import assert_rate, dd_argv
+from tests.scratch import MiB, fill_random, sha256_prefix, timed
+
+pytestmark = pytest.mark.kernel
+
+RATE = 8 * MiB
+
+
+@pytest.fixture
+def on_path(monkeypatch):
+    """The wrapper is a console script of the environment running the tests."""
+    if not shutil.which(PIPE_COMMAND):
+        monkeypatch.setenv('PATH', os.path.dirname(sys.executable) + os.pathsep
+                           + os.environ.get('PATH', ''))
+    for tool in (PIPE_COMMAND, 'pv', 'qemu-img'):
+        if not shutil.which(tool):
+            pytest.skip('%s is not installed' % tool)
+
+
+def _manager(cgroup_parent, state_dir, backend):
+    mgr = CopyManager(cgroup_parent, grace=5, backend=backend, registry=Registry(state_dir))
+    yield mgr
+    assert not mgr.registry.entries(), 'registry entries left behind'
+    left = [n for n in os.listdir(state_dir) if not n.startswith('.')]
+    assert not left, 'state files left behind: %s' % left
+
+
+@pytest.fixture
+def pv_manager(kernel_ready, on_path, cgroup_parent, state_dir):
+    yield from _manager(cgroup_parent, state_dir, 'pv')
+
+
+@pytest.fixture
+def auto_manager(kernel_ready, on_path, cgroup_parent, state_dir):
+    yield from _manager(cgroup_parent, state_dir, 'auto')
+
+
+def start(argv):
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_state(state_dir, copy_id, key='pids', timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = pipeline.read_pipe_state(state_dir, copy_id)
+        if state and state.get(key):
+            return state
+        time.sleep(0.05)
+    raise AssertionError('pipeline of %s published no %s in %s' % (copy_id, key, state_dir))
+
+
+def test_tmpfs_file_to_tmpfs_file_falls_back_to_pv(scratch, auto_manager):
+    src_dir, dst_dir = scratch.tmpfs(64), scratch.tmpfs(64)
+    src, dst = os.path.join(src_dir, 'src.img'), os.path.join(dst_dir, 'dst.img')
+    size = 24 * MiB
+    digest = fill_random(src, size)
+    with auto_manager.copy(src, dst, RATE) as copy:
+        assert copy.backend == 'pv', copy.reason
+        assert copy.prefix[0] == PIPE_COMMAND
+        elapsed = timed(dd_argv(copy.prefix, src, dst, size, '1M',
+                                iflag_direct=False, oflag_direct=False))
+    assert sha256_prefix(dst, size) == digest
+    assert os.path.getsize(dst) == size
+    assert_rate(size / elapsed / RATE)
+
+
+@pytest.mark.parametrize('ionice', [[], ['ionice', '-c3'], ['ionice', '-c2', '-n7']],
+                         ids=['no-ionice', 'ionice-c3', 'ionice-c2-n7'])
+def test_forced_pv_between_loop_devices(scratch, pv_manager, state_dir, ionice):
+    src, dst = scratch.loop(48), scratch.loop(48)
+    size = 24 * MiB
+    digest = fill_random(src, size)
+    with pv_manager.copy(src, dst, RATE) as copy:
+        assert copy.backend == 'pv'
+        argv = dd_argv(copy.prefix, src, dst, size, '1M')
+        argv[len(copy.prefix):len(copy.prefix)] = ionice
+        t0 = time.monotonic()
+        proc = start(argv)
+        state = wait_for_state(state_dir, copy.id)
+        stages = state['pids']
+        if ionice:  # both dds run under the requested I/O class; pv does no disk I/O
+            for name in ('reader dd', 'writer dd'):
+                out = subprocess.run(['ionice', '-p', str(stages[name])],
+                                     capture_output=True, text=True).stdout
+                want = 'idle' if ionice[1] == '-c3' else 'best-effort: prio 7'
+                assert want in out, '%s: %s' % (name, out)
+        mid = wait_for_state(state_dir, copy.id, key='bytes')
+        assert 0 < mid['bytes'] < size and mid['total_bytes'] == size
+        _, err = proc.communicate()
+        elapsed = time.monotonic() - t0
+        assert proc.returncode == 0, err
+    assert sha256_prefix(dst, size) == digest
+    assert_rate(size / elapsed / RATE)
+    assert pipeline.read_pipe_state(state_dir, copy.id) is None
+
+
+def test_rate_change_reaches_running_pipeline(scratch, pv_manager, state_dir):
+    src, dst = scratch.loop(48), scratch.loop(48)
+    size = 32 * MiB
+    digest = fill_random(src, size)
+    with pv_manager.copy(src, dst, 2 * MiB) as copy:
+        t0 = time.monotonic()
+        proc = start(dd_argv(copy.prefix, src, dst, size, '1M'))
+        wait_for_state(state_dir, copy.id)
+        time.sleep(1)
+        state = pipeline.request_rate(state_dir, copy.id, 16 * MiB)
+        assert state['rate'] == 16 * MiB
+        _, err = proc.communicate()
+        elapsed = time.monotonic() - t0
+        assert proc.returncode == 0, err
+    assert sha256_prefix(dst, size) == digest
+    # At 2 MiB/s throughout this would take 16 s; re-limited after ~1 s it takes ~3 s.
+    assert elapsed < 6, elapsed
+
+
+def test_rate_requested_before_the_pipeline_starts_applies_at_start(scratch, pv_manager,
+                                                                    state_dir):
+    work = scratch.tmpfs(64)
+    src, dst = os.path.join(work, 'src'), os.path.join(work, 'dst')
+    size = 16 * MiB
+    digest = fill_random(src, size)
+    with pv_manager.copy(src, dst, 2 * MiB) as copy:
+        assert pipeline.request_rate(state_dir, copy.id, 16 * MiB) is None
+        elapsed = timed(dd_argv(copy.prefix, src, dst, size, '1M', False, False))
+    assert sha256_prefix(dst, size) == digest
+    assert elapsed < 4, elapsed  # 8 s at the rate of the prefix
+
+
+def test_source_vanishing_fails_the_copy(scratch, pv_manager):
+    work = scratch.tmpfs(32)
+    src, dst = os.path.join(work, 'src'), os.path.join(work, 'dst')
+    fill_random(src, 4 * MiB)
+    with pv_manager.copy(src, dst, RATE) as copy:
+        os.unlink(src)
+        proc = subprocess.run(dd_argv(copy.prefix, src, dst, 4 * MiB, '1M', False, False),
+                              capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert 'reader dd' in proc.stderr and 'No such file or directory' in proc.stderr
+    assert 'failed' in proc.stderr
+
+
+def test_full_destination_fails_the_copy(scratch, pv_manager):
+    src_dir, small = scratch.tmpfs(32), scratch.tmpfs(4)
+    src, dst = os.path.join(src_dir, 'src'), os.path.join(small, 'dst')
+    fill_random(src, 12 * MiB)
+    with pv_manager.copy(src, dst, 32 * MiB) as copy:
+        proc = subprocess.run(
+            dd_argv(copy.prefix, src, dst, 12 * MiB, '1M', False, False) + ['conv=fdatasync'],
+            capture_output=True, text=True)
+    assert proc.returncode != 0, proc.stderr
+    assert 'writer dd' in proc.stderr and 'No space left on device' in proc.stderr
+
+
+@pytest.mark.parametrize('victim', ['pv', 'reader dd', 'writer dd'])
+def test_killed_stage_fails_the_copy(scratch, pv_manager, state_dir, victim):
+    src, dst = scratch.loop(48), scratch.loop(48)
+    size = 32 * MiB
+    fill_random(src, size)
+    with pv_manager.copy(src, dst, 4 * MiB) as copy:
+        proc = start(dd_argv(copy.prefix, src, dst, size, '1M'))
+        pids = wait_for_state(state_dir, copy.id)['pids']
+        time.sleep(0.5)
+        os.kill(pids[victim], signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0, err
+    assert '%s (' % victim in err and 'killed by SIGKILL' in err, err
+    for pid in pids.values():  # no stage outlives the copy
+        assert not os.path.exists('/proc/%d' % pid) or _zombie_or_gone(pid)
+
+
+def test_killed_wrapper_takes_its_stages_along(scratch, pv_manager, state_dir):
+    src, dst = scratch.loop(48), scratch.loop(48)
+    fill_random(src, 32 * MiB)
+    with pv_manager.copy(src, dst, 4 * MiB) as copy:
+        proc = start(dd_argv(copy.prefix, src, dst, 32 * MiB, '1M'))
+        pids = wait_for_state(state_dir, copy.id)['pids']
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not all(map(_zombie_or_gone, pids.values())):
+            time.sleep(0.05)
+        assert all(map(_zombie_or_gone, pids.values())), pids
+    # SIGKILL gave the wrapper no chance to clean up: the copy's owner removed its state.
+    assert pipeline.read_pipe_state(state_dir, copy.id) is None
+
+
+def _zombie_or_gone(pid: int) -> bool:
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+    except FileNotFoundError:
+        return True
+
+
+def test_qemu_img_convert_raw_to_raw_uses_its_own_limit(scratch, pv_manager):
+    work = scratch.tmpfs(96)
+    src, dst = os.path.join(work, 'src.raw'), os.path.join(work, 'dst.raw')
+    size = 32 * MiB
+    digest = fill_random(src, size)
+    with pv_manager.copy(src, dst, RATE) as copy:
+        elapsed = timed(copy.prefix + ['qemu-img', 'convert', '-O', 'raw', '-f', 'raw',
+                                       src, dst])
+    assert sha256_prefix(dst, size) == digest
+    assert_rate(size / elapsed / RATE)
+
+
+@pytest.mark.parametrize('command', [
+    ['cat', '/etc/shadow'], ['sh', '-c', 'id'], ['pv', '/etc/shadow'],
+    ['dd', 'if=/dev/zero', 'of=/dev/null', 'skip=1', 'bs=1M'],
+    ['ionice', '-c3', 'sh'], ['qemu-img', 'info', '/etc/shadow']],
+    ids=lambda c: '_'.join(c[:2]))
+def test_other_commands_are_refused(scratch, pv_manager, command):
+    work = scratch.tmpfs(8)
+    with pv_manager.copy('/dev/zero', os.path.join(work, 'x'), RATE) as copy:
+        proc = subprocess.run(copy.prefix + command, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(PIPE_COMMAND + ': ')
+    assert not os.path.exists(os.path.join(work, 'x'))

@@ -1,0 +1,82 @@
+"""The hook's plumbing: volume context, wrapped driver methods, driver construction."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from cinder_cgroup_throttle import cinder_hook
+from cinder_cgroup_throttle.cinder_hook import copying, current_volumes, throttled_class
+
+
+def test_copying_nests_and_unwinds():
+    assert current_volumes() == ()
+    with copying('a', None, 'b'):
+        assert current_volumes() == ('a', 'b')
+        with copying('c'):
+            assert current_volumes() == ('c', 'a', 'b')
+        assert current_volumes() == ('a', 'b')
+    assert current_volumes() == ()
+
+
+def test_volumes_are_private_to_a_thread():
+    seen = []
+    with copying('mine'):
+        t = threading.Thread(target=lambda: seen.append(current_volumes()))
+        t.start()
+        t.join()
+    assert seen == [()]
+
+
+class FakeRealDriver:
+    """Stands in for a Cinder driver class: only the method shapes matter here."""
+
+    def __init__(self, configuration=None, host=None):
+        self.configuration, self.host = configuration, host
+
+    def create_cloned_volume(self, volume, src_vref):
+        return current_volumes()
+
+    def copy_image_to_volume(self, context, volume, image_service, image_id,
+                             disable_sparse=False):
+        return current_volumes()
+
+    def delete_volume(self, volume):
+        return current_volumes()
+
+    def extend_volume(self, volume, new_size):  # not a copy path: not wrapped
+        return current_volumes()
+
+
+def test_throttled_class_keeps_identity_and_records_volumes():
+    cls = throttled_class(FakeRealDriver)
+    assert cls is throttled_class(FakeRealDriver)
+    assert (cls.__name__, cls.__module__) == ('FakeRealDriver', __name__)
+    driver = cls(host='h')
+    assert isinstance(driver, FakeRealDriver) and driver.host == 'h'
+    assert driver.create_cloned_volume('new', src_vref='old') == ('new', 'old')
+    assert driver.copy_image_to_volume('ctx', 'vol', 'glance', 'img') == ('vol',)
+    assert driver.delete_volume(volume='gone') == ('gone',)
+    assert driver.extend_volume('vol', 2) == ()
+    with pytest.raises(TypeError):
+        driver.delete_volume()
+
+
+@pytest.mark.cinder
+def test_driver_needs_the_real_class():
+    pytest.importorskip('cinder.volume.driver')
+    from oslo_config import cfg
+
+    from cinder.volume import configuration
+    cfg.CONF.register_group(cfg.OptGroup('hook-test'))
+    config = configuration.Configuration([], config_group='hook-test')
+    with pytest.raises(ValueError, match='throttled_volume_driver'):
+        cinder_hook.ThrottledDriver(configuration=config)
+    cfg.CONF.set_override('throttled_volume_driver',
+                          'cinder_cgroup_throttle.cinder_hook.ThrottledDriver',
+                          group='hook-test')
+    try:
+        with pytest.raises(ValueError, match='real driver class'):
+            cinder_hook.ThrottledDriver(configuration=config)
+    finally:
+        cfg.CONF.clear_override('throttled_volume_driver', group='hook-test')

@@ -1,0 +1,248 @@
+"""etc/rootwrap.d/cinder-cgroup-throttle.filters admits our commands and nothing else.
+
+Filters are loaded with oslo.rootwrap's own loader and checked with its own ``match_filter``,
+together with Cinder's leaf filters for dd, qemu-img and ionice (from the installed Cinder's
+volume.filters). The allowed side is not hand-written: real copies run through Cinder's
+copy code with every command executed by the real ``cinder-rootwrap`` under these filters,
+and the commands are recorded as they went through.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+oslo_rootwrap = pytest.importorskip('oslo_rootwrap')
+from oslo_rootwrap import wrapper  # noqa: E402
+
+from cinder_cgroup_throttle.manager import DEFAULT_CGROUP, CopyManager  # noqa: E402
+from cinder_cgroup_throttle.registry import Registry  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OURS = os.path.join(ROOT, 'etc', 'rootwrap.d', 'cinder-cgroup-throttle.filters')
+BIN = os.path.dirname(sys.executable)
+EXEC_DIRS = [BIN, '/usr/local/sbin', '/usr/local/bin', '/usr/sbin', '/usr/bin', '/sbin',
+             '/bin']
+CINDER_LEAVES = ('dd', 'qemu-img', 'qemu-img_convert', 'ionice_1', 'ionice_2')
+LEAF = 'copy-4242-0123abcd'
+P = DEFAULT_CGROUP
+PIPE = ['cinder-cgroup-throttle-pipe', '--id', LEAF, '--rate', '8388608', '--state-dir',
+        '/run/cinder-cgroup-throttle', '--']
+CGEXEC = ['cgexec', '-g', 'blkio:%s/%s' % (P, LEAF)]
+DD = ['dd', 'if=/dev/loop1', 'of=/dev/loop2', 'count=25165824', 'bs=1M',
+      'iflag=count_bytes,direct', 'oflag=direct']
+
+
+def cinder_volume_filters() -> str:
+    path = os.path.join(sys.prefix, 'etc', 'cinder', 'rootwrap.d', 'volume.filters')
+    if not os.path.exists(path):
+        pytest.skip('Cinder\'s volume.filters is not installed at %s' % path)
+    return path
+
+
+def cinder_leaf_lines() -> str:
+    """Cinder's own dd, qemu-img and ionice lines, verbatim."""
+    with open(cinder_volume_filters()) as f:
+        lines = [line for line in f
+                 if line.split(':', 1)[0].strip() in CINDER_LEAVES]
+    assert len(lines) == len(CINDER_LEAVES), lines
+    return ''.join(lines)
+
+
+def write_filters(directory: str, parent: str = P) -> str:
+    """Our file as an operator installs it (parent renamed as deployment.md says) plus
+    Cinder's leaf filters."""
+    os.makedirs(directory, exist_ok=True)
+    with open(OURS) as f:
+        ours = f.read()
+    with open(os.path.join(directory, 'cinder-cgroup-throttle.filters'), 'w') as f:
+        f.write(ours.replace(DEFAULT_CGROUP, parent))
+    with open(os.path.join(directory, 'cinder-leaves.filters'), 'w') as f:
+        f.write('[Filters]\n' + cinder_leaf_lines())
+    return directory
+
+
+@pytest.fixture(scope='module')
+def filters(tmp_path_factory):
+    return wrapper.load_filters([write_filters(str(tmp_path_factory.mktemp('filters')))])
+
+
+def verdict(filter_list, argv):
+    """The name of the filter that admits argv, or None (rootwrap denies it)."""
+    try:
+        return wrapper.match_filter(filter_list, list(argv), exec_dirs=EXEC_DIRS).name
+    except wrapper.NoFilterMatched:
+        return None
+
+
+# -- what we generate is admitted (shapes of Cinder's argv; the real runs are below) -------
+@pytest.mark.parametrize('argv', [
+    CGEXEC + DD,
+    CGEXEC + ['ionice', '-c3'] + DD,
+    CGEXEC + ['ionice', '-c2', '-n7'] + DD,
+    ['cgexec', '-g', 'io:%s/%s' % (P, LEAF)] + DD[:-1] + ['conv=fdatasync,sparse'],
+    CGEXEC + ['qemu-img', 'convert', '-O', 'raw', '-t', 'none', '-f', 'qcow2', '/a', '/dev/x'],
+    PIPE + DD,
+    PIPE + ['ionice', '-c3'] + DD[:-1] + ['conv=fdatasync'],
+    PIPE + ['qemu-img', 'convert', '-O', 'raw', '/var/lib/cinder/conversion/img', '/dev/x'],
+], ids=lambda a: ' '.join(a[:1] + a[3:5]))
+def test_generated_shapes_are_admitted_by_our_filters(filters, argv):
+    assert (verdict(filters, argv) or '').startswith('cct_'), argv
+
+
+# -- hostile commands are denied --------------------------------------------------------
+def _cg(group):
+    return ['cgexec', '-g', group]
+
+
+HOSTILE = {
+    'other controller cpu': _cg('cpu:%s/%s' % (P, LEAF)) + DD,
+    'other controller memory': _cg('memory:%s/%s' % (P, LEAF)) + DD,
+    'two controllers in one -g': _cg('blkio,cpu:%s/%s' % (P, LEAF)) + DD,
+    'other cgroup': _cg('blkio:other/%s' % LEAF) + DD,
+    'root cgroup': _cg('blkio:/') + DD,
+    'root cgroup, empty path': _cg('blkio:') + DD,
+    'the parent itself': _cg('blkio:%s' % P) + DD,
+    'leaf not a copy id': _cg('blkio:%s/system' % P) + DD,
+    '.. to escape the parent': _cg('blkio:%s/../%s' % (P, LEAF)) + DD,
+    '.. after the leaf': _cg('blkio:%s/%s/..' % (P, LEAF)) + DD,
+    'nested below a leaf': _cg('blkio:%s/%s/x' % (P, LEAF)) + DD,
+    'extra -g option': CGEXEC + ['-g', 'cpu:/'] + DD,
+    'extra --sticky option': CGEXEC + ['--sticky'] + DD,
+    'cgexec sh': CGEXEC + ['sh', '-c', 'id'],
+    'cgexec bash': CGEXEC + ['bash', '-c', 'id'],
+    'cgexec cat': CGEXEC + ['cat', '/etc/shadow'],
+    'cgexec cp': CGEXEC + ['cp', '/etc/shadow', '/tmp/x'],
+    'cgexec python': CGEXEC + ['python3', '-c', 'import os'],
+    'cgexec ionice sh': CGEXEC + ['ionice', '-c3', 'sh'],
+    'cgexec pv reads a file': CGEXEC + ['pv', '/etc/shadow'],
+    'cgexec qemu-img info': CGEXEC + ['qemu-img', 'info', '/etc/shadow'],
+    'cgexec dd with skip=': CGEXEC + DD + ['skip=1'],
+    'cgexec dd without count': CGEXEC + ['dd', 'if=/etc/shadow', 'of=/tmp/x'],
+    'wrapper sh': PIPE + ['sh', '-c', 'id'],
+    'wrapper bash': PIPE + ['bash', '-c', 'id'],
+    'wrapper cat': PIPE + ['cat', '/etc/shadow'],
+    'wrapper cp': PIPE + ['cp', '/etc/shadow', '/tmp/x'],
+    'wrapper python': PIPE + ['python3', '-c', 'import os'],
+    'wrapper pv reads a file': PIPE + ['pv', '/etc/shadow'],
+    'wrapper ionice sh': PIPE + ['ionice', '-c3', 'sh'],
+    'wrapper without --': PIPE[:-1] + DD,
+    'wrapper bad id': ['cinder-cgroup-throttle-pipe', '--id', '../x'] + PIPE[3:] + DD,
+    'wrapper .. in state dir': PIPE[:6] + ['/run/../etc', '--'] + DD,
+    'wrapper relative state dir': PIPE[:6] + ['etc', '--'] + DD,
+    'wrapper zero rate': PIPE[:4] + ['0'] + PIPE[5:] + DD,
+    'wrapper extra option': PIPE[:-1] + ['--debug', '--'] + DD,
+    'pv reads a file': ['pv', '/etc/shadow'],
+    'pv -R': ['pv', '-R', '1', '-L', '1'],
+    'cgset non-throttle key': ['cgset', '-r', 'cpu.shares=2', '%s/%s' % (P, LEAF)],
+    'cgset blkio.weight': ['cgset', '-r', 'blkio.weight=1000', '%s/%s' % (P, LEAF)],
+    'cgset throttle key of other cgroup': [
+        'cgset', '-r', 'blkio.throttle.read_bps_device=7:0 1', 'system'],
+    'cgcreate other cgroup': ['cgcreate', '-g', 'blkio:/other'],
+    'cgdelete parent': ['cgdelete', '-g', 'blkio:%s' % P],
+    'priv other parent': ['cinder-cgroup-throttle-priv', 'create-leaf', 'blkio', 'other',
+                          LEAF],
+    'priv other controller': ['cinder-cgroup-throttle-priv', 'create-leaf', 'cpu', P, LEAF],
+    'priv .. leaf': ['cinder-cgroup-throttle-priv', 'create-leaf', 'blkio', P, '..'],
+    'priv leaf not a copy id': ['cinder-cgroup-throttle-priv', 'remove-leaf', 'blkio', P,
+                                'system', '1'],
+    'priv limit not a number': ['cinder-cgroup-throttle-priv', 'set-limit', 'blkio', P, LEAF,
+                                '7:0', '1M', '0', '0', '0'],
+    'priv limit extra value': ['cinder-cgroup-throttle-priv', 'set-limit', 'blkio', P, LEAF,
+                               '7:0', '1', '0', '0', '0', '0'],
+    'priv unknown operation': ['cinder-cgroup-throttle-priv', 'write', 'blkio', P, LEAF,
+                               'cgroup.procs', '1'],
+    'ionice sh (Cinder ionice chain)': ['ionice', '-c3', 'sh'],
+}
+
+
+@pytest.mark.parametrize('name', sorted(HOSTILE))
+def test_hostile_command_is_denied(filters, name):
+    assert verdict(filters, HOSTILE[name]) is None, HOSTILE[name]
+
+
+def test_cinder_own_cgexec_line_is_what_must_be_replaced():
+    """Why deployment.md replaces it: Cinder's line admits the root cgroup and '..', and
+    denies ionice together with the throttle."""
+    cinder = wrapper.load_filters([os.path.dirname(cinder_volume_filters())])
+    assert verdict(cinder, _cg('blkio:/') + DD) == 'cgexec'
+    assert verdict(cinder, _cg('blkio:%s/../x' % P) + DD) == 'cgexec'
+    assert verdict(cinder, CGEXEC + ['ionice', '-c3'] + DD) is None
+
+
+# -- real runs: every command our code generated went through the real cinder-rootwrap ---
+@pytest.fixture
+def rootwrap(tmp_path, cgroup_parent):
+    """A root helper that records each command and runs it through the real cinder-rootwrap
+    with a rootwrap.conf over our filters (parent renamed to the session's) + Cinder's."""
+    filters_dir = write_filters(str(tmp_path / 'rootwrap.d'), cgroup_parent)
+    conf = tmp_path / 'rootwrap.conf'
+    conf.write_text('[DEFAULT]\nfilters_path=%s\nexec_dirs=%s\nuse_syslog=False\n'
+                    % (filters_dir, ','.join(EXEC_DIRS)))
+    log = tmp_path / 'commands'
+    helper = tmp_path / 'root-helper'
+    rootwrap = os.path.join(BIN, 'cinder-rootwrap')
+    helper.write_text('#!/bin/sh\nprintf "%%s\\0" "$@" >> %s\necho >> %s\n'
+                      'exec %s %s "$@"\n' % (log, log, rootwrap, conf))
+    helper.chmod(0o755)
+
+    def execute(*cmd, **kwargs):
+        proc = subprocess.run([str(helper)] + list(cmd), capture_output=True, text=True)
+        if proc.returncode:
+            raise AssertionError('rootwrap refused or failed (%d): %s: %s'
+                                 % (proc.returncode, cmd, proc.stderr))
+        return proc.stdout, proc.stderr
+
+    def recorded():
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [line.split('\0')[:-1] for line in lines]
+
+    return [str(helper)], execute, recorded, filters_dir
+
+
+@pytest.mark.kernel
+@pytest.mark.cinder
+@pytest.mark.parametrize('backend', ['cgroup', 'pv'])
+@pytest.mark.parametrize('ionice', [None, '-c3'])
+def test_real_copies_pass_rootwrap(scratch, cgroup_parent, state_dir, rootwrap, backend,
+                                   ionice, monkeypatch):
+    from cinder.image import image_utils
+    from cinder.volume import volume_utils
+
+    from cinder_cgroup_throttle.cgroups import get_driver
+    from cinder_cgroup_throttle.privileged import PrivilegedDriver
+    from cinder_cgroup_throttle.throttle import CgroupThrottle
+    from tests.scratch import MiB, fill_random, sha256_prefix
+
+    monkeypatch.setenv('PATH', BIN + os.pathsep + os.environ['PATH'])
+    helper, execute, recorded, filters_dir = rootwrap
+    # The privileged cgroup steps go through the same rootwrap, as for a non-root service.
+    driver = (PrivilegedDriver(get_driver(cgroup_parent), helper)
+              if backend == 'cgroup' else None)
+    manager = CopyManager(cgroup_parent, grace=5, backend=backend, driver=driver,
+                          registry=Registry(state_dir))
+    throttle = CgroupThrottle(8 * MiB, manager=manager)
+    src, dst = scratch.loop(16), scratch.loop(16)
+    digest = fill_random(src, 4 * MiB)
+    volume_utils.copy_volume(src, dst, 4, '1M', execute=execute, ionice=ionice,
+                             throttle=throttle)
+    assert sha256_prefix(dst, 4 * MiB) == digest
+    with throttle.subcommand(src, dst) as cmd:
+        execute(*image_utils._get_qemu_convert_cmd(src, dst, out_format='raw',
+                                                   src_format='raw', cache_mode='none',
+                                                   prefix=tuple(cmd['prefix'])))
+    assert sha256_prefix(dst, 4 * MiB) == digest
+    assert get_driver(cgroup_parent).leaves() == []
+
+    commands = recorded()
+    kinds = sorted({argv[1] if argv[0] == 'cinder-cgroup-throttle-priv' else argv[0]
+                    for argv in commands})
+    assert kinds == (['cgexec', 'create-leaf', 'remove-leaf', 'set-limit']
+                     if backend == 'cgroup' else ['cinder-cgroup-throttle-pipe']), commands
+    filters = wrapper.load_filters([filters_dir])
+    for argv in commands:
+        assert (verdict(filters, argv) or '').startswith('cct_'), argv
+        if ionice and argv[0] != 'cinder-cgroup-throttle-priv' and 'dd' in argv:
+            assert argv[argv.index('dd') - 2:argv.index('dd')] == ['ionice', ionice]
