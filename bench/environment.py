@@ -65,7 +65,7 @@ def ensure(argv: List[str], allow_install: bool) -> None:
         sys.exit('%s lacks %s; install them or run without --no-install'
                  % (sys.executable, ', '.join(missing)))
     python = os.path.join(VENV, 'bin', 'python')
-    print('bench: %s lacks %s; preparing %s (about a minute the first time)'
+    print('bench: %s lacks %s; preparing %s (a few minutes the first time)'
           % (sys.executable, ', '.join(missing), VENV), file=sys.stderr)
     if not os.path.exists(python):
         subprocess.run([sys.executable, '-m', 'venv', VENV], check=True)

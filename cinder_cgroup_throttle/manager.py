@@ -146,7 +146,7 @@ class CopyManager:
             if self.host_bps_limit:  # after the entry is gone: the others get its share
                 stack.callback(self._rebalance)
             self.registry.save(self._entry(copy))
-            stack.callback(self.registry.remove, copy_id)
+            stack.callback(self._unregister, copy_id)
             with self._lock:
                 self._copies[copy_id] = copy
             stack.callback(self._forget, copy_id)
@@ -170,6 +170,12 @@ class CopyManager:
             if killed:
                 LOG.warning('copy %s: killed leftover processes %s before removing its '
                             'cgroup', copy.id, killed)
+
+    def _unregister(self, copy_id: str) -> None:
+        # Under the re-balancing lock: a concurrent rebalance saves the entries it loaded,
+        # and would otherwise write an ended copy's entry back.
+        with relimit.locked(self.registry):
+            self.registry.remove(copy_id)
 
     def _forget(self, copy_id: str) -> None:
         with self._lock:

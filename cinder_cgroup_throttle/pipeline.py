@@ -302,8 +302,9 @@ class Pipeline:
     def state(self) -> dict:
         """What pipe.json holds; reads /proc/PID/io, so call it with our own rights."""
         progress = None
-        if self.pv is not None and self.pv.proc is not None:
-            progress = _proc_io(self.pv.proc.pid, 'wchar')
+        if self.pv is not None and self.stages[-1].proc is not None:
+            # The writer dd's write(2)s: pv moves data with splice(2), which wchar misses.
+            progress = _proc_io(self.stages[-1].proc.pid, 'wchar')
         elif self.stages[0].proc is not None:
             progress = _proc_io(self.stages[0].proc.pid, 'rchar')
         if progress is not None:

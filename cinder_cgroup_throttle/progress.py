@@ -3,10 +3,9 @@
 Everything is derived from the registry entry and the kernel, so the CLI or a monitoring
 agent sees the same numbers as the process that runs the copy. Bytes done come from:
 
-* the pv fallback: the pipeline's state next to the registry entry (``<id>.pipe.json``)
-  names its writer dd, whose ``write_chars`` count every byte written; the pipeline's own
-  ``bytes`` (pv's wchar) is the fallback when that process cannot be read, and it lags,
-  since pv moves most data with splice(2), which wchar does not count;
+* the pv fallback: the pipeline's state next to the registry entry (``<id>.pipe.json``),
+  where the pipeline publishes its writer dd's ``wchar`` (it can read its own children's
+  /proc entries, a non-root reader could not);
 * the cgroup backend: the leaf's own counters (v1 ``blkio.throttle.io_service_bytes``, v2
   ``io.stat``) in the direction the limit is on (limits.py: writes to the destination
   device, else reads from the source device). They count what the throttle charged and
@@ -163,18 +162,9 @@ def _total(entry: Entry, argvs: List[List[str]]) -> Optional[int]:
 
 
 def _pipeline_bytes(state: Dict[str, Any]) -> Tuple[Optional[int], str, List[List[str]]]:
-    best = state.get('bytes')
-    writer = (state.get('pids') or {}).get('writer dd')
-    argvs = []
-    if writer:
-        try:
-            proc = psutil.Process(writer)
-            chars = proc.io_counters().write_chars
-            argvs.append(proc.cmdline())
-            best = max(best or 0, chars)
-        except psutil.Error:
-            pass
-    return (None, 'none', []) if best is None else (int(best), 'pv', argvs)
+    """The pipeline publishes its writer dd's byte count (it can read its own /proc)."""
+    done = state.get('bytes')
+    return (None, 'none', []) if done is None else (int(done), 'pv', [])
 
 
 def _bytes_done(entry: Entry, state_dir: str) -> Tuple[Optional[int], str, List[List[str]]]:

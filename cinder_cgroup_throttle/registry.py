@@ -94,7 +94,8 @@ class Registry:
             return []
         found = []
         for name in names:
-            if name.endswith('.json') and not name.startswith('.'):
+            # '<id>.json' only: ids have no dots; '<id>.pipe.json' is the pipeline's state.
+            if name.endswith('.json') and name.count('.') == 1 and not name.startswith('.'):
                 entry = self.load(name[:-len('.json')])
                 if entry is not None:
                     found.append(entry)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -121,6 +122,7 @@ def cinder_volume(cinder_modules, cgroup_parent):
         server.wait()
         rpc.cleanup()
         conf.clear()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture

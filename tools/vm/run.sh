@@ -103,7 +103,9 @@ done
 wait "${PIDS[0]}" "${PIDS[1]}" 2>/dev/null
 PIDS=()
 
-if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then
+# timeout(1) exits 124, or 137 when qemu needed the SIGKILL of -k; a 137 before the time
+# was up is a qemu killed by someone else: the VM died.
+if [ "$qrc" = 124 ] || { [ "$qrc" = 137 ] && [ "$SECONDS" -ge "$TIMEOUT" ]; }; then
     echo "tools/vm/run.sh: timed out after ${TIMEOUT}s; guest console tail:" >&2
     tail -n 20 "$TMP/console.log" >&2
     exit 124
