@@ -42,10 +42,11 @@ def _loop(stack: contextlib.ExitStack, directory: str, size: int) -> str:
     return dev
 
 
-def _fill_random(path: str, size: int) -> str:
-    """Random bytes onto ``path``, past the page cache so the copy reads the device."""
+def fill_random(path: str, size: int) -> str:
+    """Random bytes onto ``path`` (device, or file created if missing), past the page
+    cache so the copy reads the device; returns their sha256."""
     digest = hashlib.sha256()
-    fd = os.open(path, os.O_WRONLY)
+    fd = os.open(path, os.O_WRONLY | (0 if os.path.exists(path) else os.O_CREAT), 0o644)
     try:
         for offset in range(0, size, 4 * MiB):
             chunk = memoryview(os.urandom(min(4 * MiB, size - offset)))
@@ -59,7 +60,8 @@ def _fill_random(path: str, size: int) -> str:
     return digest.hexdigest()
 
 
-def _sha256(path: str, size: int) -> str:
+def sha256_prefix(path: str, size: int) -> str:
+    """sha256 of the first ``size`` bytes of ``path``."""
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
         left = size
@@ -88,10 +90,10 @@ def run(manager: CopyManager, limit: int = DEFAULT_LIMIT, size: int = DEFAULT_SI
         src, dst = _loop(stack, directory, size), _loop(stack, directory, size)
         say('demo: source %s and destination %s (%d MiB loop devices in %s)'
             % (src, dst, size // MiB, directory))
-        digest = _fill_random(src, size)
+        digest = fill_random(src, size)
         result = transfer.run(manager, src, dst, limit, bs='1M', size=size,
                               on_progress=on_progress)
-        if _sha256(dst, size) != digest:
+        if sha256_prefix(dst, size) != digest:
             raise ThrottleError('demo: %s does not hold the bytes of %s' % (dst, src))
         say('demo: verified: %s holds the same %d bytes as %s (sha256 %s...)'
             % (dst, size, src, digest[:16]))

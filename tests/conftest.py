@@ -106,4 +106,4 @@ def manager(cgroup_parent, state_dir):
     for leaf in leftovers:
         mgr.driver.remove_leaf(leaf, grace=1)
     assert not leftovers, 'cgroups left behind: %s' % leftovers
-    assert not mgr.registry.entries(), 'registry entries left behind' 
+    assert not mgr.registry.entries(), 'registry entries left behind'

@@ -5,7 +5,6 @@ even when the test failed; only objects created here are ever touched.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -13,6 +12,8 @@ import subprocess
 import tempfile
 import time
 from typing import Callable, List, Optional, Tuple
+
+from cinder_cgroup_throttle.demo import fill_random, sha256_prefix  # noqa: F401 (for tests)
 
 MiB = 1 << 20
 
@@ -133,37 +134,6 @@ def _wait_for(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None
         if time.monotonic() > deadline:
             raise RuntimeError('timed out waiting for ' + what)
         time.sleep(0.05)
-
-
-def fill_random(path: str, size: int) -> str:
-    """Write ``size`` random bytes to ``path`` (device or file), bypassing the page cache
-    where possible; return their sha256."""
-    data = os.urandom(size)
-    flags = os.O_WRONLY | (0 if os.path.exists(path) else os.O_CREAT)
-    fd = os.open(path, flags, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-        # Drop the clean pages so the copy under test reads from the device.
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_prefix(path: str, size: int) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        left = size
-        while left:
-            chunk = f.read(min(left, 4 * MiB))
-            if not chunk:
-                break
-            h.update(chunk)
-            left -= len(chunk)
-    return h.hexdigest()
 
 
 _DD_SECONDS = re.compile(r' copied, ([0-9.]+) s, ')

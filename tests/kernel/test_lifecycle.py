@@ -60,16 +60,22 @@ def test_leaf_removed_after_exception_in_body(scratch, manager):
     assert manager.registry.entries() == []
 
 
+def start_in_leaf(manager, copy, src, dst, mib):
+    """Start a slow dd through the copy's prefix; return once it runs inside the leaf."""
+    proc = subprocess.Popen(copy.prefix + ['dd', 'if=' + src, 'of=' + dst, 'bs=1M',
+                                           'count=%d' % mib, 'oflag=direct'],
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 5
+    while not manager.driver.pids(copy.id) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return proc
+
+
 def test_leaf_removed_after_dd_is_killed(scratch, manager):
     src, dst = scratch.loop(32), scratch.loop(32)
     fill_random(src, 16 * MiB)
     with manager.copy(src, dst, MiB) as copy:
-        proc = subprocess.Popen(copy.prefix + ['dd', 'if=' + src, 'of=' + dst, 'bs=1M',
-                                               'count=16', 'oflag=direct'],
-                                stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 5
-        while not manager.driver.pids(copy.id) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        proc = start_in_leaf(manager, copy, src, dst, 16)
         assert manager.driver.pids(copy.id) == [proc.pid]  # cgexec exec()ed dd in place
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -80,12 +86,7 @@ def test_orphan_still_in_the_leaf_is_killed_and_leaf_removed(scratch, manager):
     src, dst = scratch.loop(32), scratch.loop(32)
     manager.grace = 0.5
     with manager.copy(src, dst, MiB) as copy:
-        orphan = subprocess.Popen(copy.prefix + ['dd', 'if=' + src, 'of=' + dst, 'bs=1M',
-                                                 'count=32', 'oflag=direct'],
-                                  stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 5
-        while not manager.driver.pids(copy.id) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        orphan = start_in_leaf(manager, copy, src, dst, 32)
     assert orphan.wait(timeout=10) == -signal.SIGKILL
     assert not os.path.exists(manager.driver.leaf_path(copy.id))
 
