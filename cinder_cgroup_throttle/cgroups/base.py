@@ -63,11 +63,15 @@ class CgroupDriver(abc.ABC):
         self.mountpoint = mountpoint
         self.parent = validate_cgroup_path(parent)
         self.parent_path = os.path.join(mountpoint, self.parent)
+        # Set when this driver created the parent: it then removes it once the last leaf
+        # is gone (a parent found in place, e.g. Cinder's own cgroup, is left alone).
+        self.owns_parent = False
 
     # -- per-driver pieces -------------------------------------------------------------
     @abc.abstractmethod
-    def ensure_parent(self) -> None:
-        """Create the parent cgroup (idempotent) so leaves can be made under it."""
+    def ensure_parent(self) -> bool:
+        """Create the parent cgroup (idempotent) so leaves can be made under it; True when
+        this call created it."""
 
     @abc.abstractmethod
     def write_limits(self, leaf: str, limits: Iterable[DeviceLimit],
@@ -87,13 +91,23 @@ class CgroupDriver(abc.ABC):
         return ['cgexec', '-g', '%s:%s/%s' % (self.controller, self.parent, leaf)]
 
     def create_leaf(self, leaf: str) -> str:
-        self.ensure_parent()
         path = self.leaf_path(leaf)
-        try:
-            os.mkdir(path)
-        except OSError as exc:
-            raise CgroupOperationError('cannot create cgroup %s: %s' % (path, exc)) from exc
-        return path
+        for _attempt in range(5):
+            try:
+                if self.ensure_parent():
+                    self.owns_parent = True
+                os.mkdir(path)
+                return path
+            except (FileNotFoundError, CgroupOperationError) as exc:
+                # The empty parent was removed by the end of another copy: make it again.
+                cause = exc if isinstance(exc, OSError) else exc.__cause__
+                if not isinstance(cause, FileNotFoundError):
+                    raise
+            except OSError as exc:
+                raise CgroupOperationError(
+                    'cannot create cgroup %s: %s' % (path, exc)) from exc
+        raise CgroupOperationError('cannot create cgroup %s: its parent keeps vanishing'
+                                   % path)
 
     def leaves(self) -> List[str]:
         try:
@@ -124,6 +138,7 @@ class CgroupDriver(abc.ABC):
         while True:
             try:
                 os.rmdir(path)
+                self._remove_own_parent()
                 return killed
             except FileNotFoundError:
                 return killed
@@ -145,6 +160,14 @@ class CgroupDriver(abc.ABC):
                         pass
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
+
+    def _remove_own_parent(self) -> None:
+        if self.owns_parent:
+            try:
+                os.rmdir(self.parent_path)  # fails while other copies' leaves are in it
+                self.owns_parent = False
+            except OSError:
+                pass
 
     @staticmethod
     def _write(path: str, value: str) -> None:

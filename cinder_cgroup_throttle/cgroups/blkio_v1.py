@@ -16,12 +16,15 @@ _FILES = (('rbps', 'blkio.throttle.read_bps_device'),
 class BlkioV1Driver(CgroupDriver):
     controller = 'blkio'
 
-    def ensure_parent(self) -> None:
+    def ensure_parent(self) -> bool:
+        if os.path.isdir(self.parent_path):
+            return False
         try:
             os.makedirs(self.parent_path, exist_ok=True)
         except OSError as exc:
             raise CgroupOperationError(
                 'cannot create cgroup %s: %s' % (self.parent_path, exc)) from exc
+        return True
 
     def write_limits(self, leaf: str, limits: Iterable[DeviceLimit],
                      previous: Iterable[DeviceLimit] = ()) -> None:

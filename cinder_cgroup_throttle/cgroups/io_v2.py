@@ -22,23 +22,28 @@ from cinder_cgroup_throttle.exception import CgroupOperationError
 class IoV2Driver(CgroupDriver):
     controller = 'io'
 
-    def ensure_parent(self) -> None:
-        level = self.mountpoint
+    def ensure_parent(self) -> bool:
+        level, created = self.mountpoint, False
         for segment in self.parent.split('/'):
             self._delegate(level)
             level = os.path.join(level, segment)
             try:
                 os.mkdir(level)
+                created = True
             except FileExistsError:
-                pass
+                created = False
             except OSError as exc:
                 raise CgroupOperationError(
                     'cannot create cgroup %s: %s' % (level, exc)) from exc
         self._delegate(level)
+        return created
 
     def _delegate(self, path: str) -> None:
         """Enable io, and memory where offered, for the children of cgroup ``path``."""
-        available = (read_file(os.path.join(path, 'cgroup.controllers')) or '').split()
+        offered = read_file(os.path.join(path, 'cgroup.controllers'))
+        if offered is None:  # removed by another copy's end: create_leaf starts over
+            raise FileNotFoundError(errno.ENOENT, 'cgroup vanished', path)
+        available = offered.split()
         if 'io' not in available:
             raise CgroupOperationError(
                 'cgroup %s does not offer the io controller (cgroup.controllers: %s); enable '

@@ -11,6 +11,8 @@ import pytest
 
 from cinder_cgroup_throttle.cgroups import get_driver
 from cinder_cgroup_throttle.exception import DeviceResolutionError, ThrottleError
+from cinder_cgroup_throttle.manager import CopyManager
+from cinder_cgroup_throttle.registry import Registry
 from cinder_cgroup_throttle.throttle import CgroupThrottle
 from tests.scratch import MiB, fill_random
 
@@ -165,3 +167,23 @@ def test_file_to_file_on_one_filesystem_limits_its_disk(scratch, manager):
     with manager.copy(src, os.path.join(mnt, 'b.img'), 4 * MiB) as copy:
         assert copy.limits[0].device.name == os.path.basename(dev)
         assert copy.limits[0].rbps == 4 * MiB
+
+
+@pytest.mark.parametrize('preexisting', [False, True], ids=['created', 'found'])
+def test_parent_cgroup_is_removed_only_if_the_manager_created_it(scratch, state_dir,
+                                                                 preexisting):
+    name = 'cct-test-parent-%d' % os.getpid()
+    mgr = CopyManager(name, backend='cgroup', registry=Registry(state_dir))
+    parent = mgr.driver.parent_path
+    try:
+        if preexisting:
+            mgr.driver.ensure_parent()  # as Cinder's own BlkioCgroup or an operator would
+        src, dst = scratch.loop(8), scratch.loop(8)
+        with mgr.copy(src, dst, MiB):
+            with mgr.copy(src, dst, MiB):
+                pass
+            assert os.path.isdir(parent)  # the outer copy's leaf is still in it
+        assert os.path.isdir(parent) == preexisting
+    finally:
+        if os.path.isdir(parent):
+            os.rmdir(parent)
