@@ -20,9 +20,10 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import subprocess
 import sys
 from typing import Iterable, List, Optional, Sequence
+
+from oslo_concurrency import processutils
 
 from cinder_cgroup_throttle import devices
 from cinder_cgroup_throttle.cgroups import CgroupDriver, DeviceLimit, get_driver
@@ -55,13 +56,16 @@ class PrivilegedDriver:
         return getattr(self._driver, name)
 
     def _run(self, op: str, leaf: str, *args: str) -> str:
-        argv = self.root_helper + [COMMAND, op, self._driver.controller,
-                                   self._driver.parent, leaf] + list(args)
-        proc = subprocess.run(argv, capture_output=True, text=True)
-        if proc.returncode:
-            raise CgroupOperationError('%s failed (exit %d): %s' % (
-                ' '.join(argv), proc.returncode, proc.stderr.strip() or proc.stdout.strip()))
-        return proc.stdout
+        cmd = [COMMAND, op, self._driver.controller, self._driver.parent, leaf] + list(args)
+        try:
+            # The helper is prepended here, not via run_as_root: processutils drops it for
+            # euid 0, and a PrivilegedDriver always means "through the root helper".
+            out, _err = processutils.execute(*(self.root_helper + cmd))
+        except processutils.ProcessExecutionError as exc:
+            raise CgroupOperationError('%s failed (exit %s): %s' % (
+                shlex.join(self.root_helper + cmd), exc.exit_code,
+                (exc.stderr or exc.stdout or '').strip())) from exc
+        return out
 
     def create_leaf(self, leaf: str) -> str:
         self._run('create-leaf', leaf)
