@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -21,7 +20,7 @@ from cinder_cgroup_throttle.cgroups import detect, validate_cgroup_path
 from cinder_cgroup_throttle.exception import (CgroupUnavailable, CopyNotFound, InvalidRate,
                                               ThrottleError)
 from cinder_cgroup_throttle.manager import (BACKENDS, DEFAULT_CGROUP, PIPE_COMMAND,
-                                            CopyManager, new_copy_id)
+                                            CopyManager, new_copy_id, pipe_command)
 from cinder_cgroup_throttle.progress import Progress, dd_total, snapshot
 from cinder_cgroup_throttle.registry import DEFAULT_STATE_DIR, STATE_DIR_ENV, Registry
 from cinder_cgroup_throttle.units import format_rate, parse_rate
@@ -198,11 +197,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         # As CopyManager does it: directly as root, else through the root helper.
         driver = privileged.host_driver(args.cgroup_name)
-        probe, had_parent = new_copy_id(), os.path.isdir(driver.parent_path)
+        probe = new_copy_id()
         driver.create_leaf(probe)
-        driver.remove_leaf(probe, grace=0)
-        if not had_parent and os.geteuid() == 0:  # leave the host as we found it
-            os.rmdir(driver.parent_path)
+        driver.remove_leaf(probe, grace=0)  # and the parent, if the probe created it
         how = (' through ' + ' '.join(driver.root_helper)
                if isinstance(driver, privileged.PrivilegedDriver) else '')
         ok('controller %s at %s: usable, %s is writable%s (probe cgroup created and '
@@ -212,6 +209,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         fail('cgroup controller: %s' % exc)
     tools = {name: shutil.which(name) for name in
              ('cgexec', 'dd', 'pv', PIPE_COMMAND, 'qemu-img')}
+    tools[PIPE_COMMAND] = shutil.which(pipe_command() or PIPE_COMMAND)
     for name, path in tools.items():
         (ok if path else warn)('%s: %s' % (name, path or 'not found'))
     if cgroup_ok and not tools['cgexec']:

@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import shutil
+import sys
 import threading
 import time
 from typing import Dict, Iterator, List, Optional
@@ -49,6 +50,16 @@ class ActiveCopy:
     volume_id: Optional[str] = None
     total_bytes: Optional[int] = None
     requested_bps: int = 0  # its own limit; bps_limit is lower under a host-wide cap
+
+
+def pipe_command() -> Optional[str]:
+    """How to run the pv fallback's wrapper: its name when PATH finds it (as rootwrap's
+    exec_dirs will), else its path beside this interpreter (cinder-volume in a venv whose
+    bin is not on PATH); None when it is not installed."""
+    if shutil.which(PIPE_COMMAND):
+        return PIPE_COMMAND
+    beside = os.path.join(os.path.dirname(sys.executable), PIPE_COMMAND)
+    return beside if os.access(beside, os.X_OK) else None
 
 
 def new_copy_id() -> str:
@@ -107,7 +118,7 @@ class CopyManager:
                                     % (src, dst, why))
         else:
             why = 'backend pv chosen by the operator'
-        if shutil.which(PIPE_COMMAND) and shutil.which('pv'):
+        if pipe_command() and shutil.which('pv'):
             return 'pv', why
         if self.allow_unthrottled:
             return 'none', why + '; pv is not installed and unthrottled copies are allowed'
@@ -139,7 +150,7 @@ class CopyManager:
             if backend == 'cgroup':
                 stack.enter_context(self._leaf(copy))
             elif backend == 'pv':
-                copy.prefix = [PIPE_COMMAND, '--id', copy_id, '--rate', str(bps_limit),
+                copy.prefix = [pipe_command(), '--id', copy_id, '--rate', str(bps_limit),
                                '--state-dir', self.registry.directory, '--']
                 # The pipeline removes its state when it ends; not when it was killed.
                 stack.callback(pipeline.remove_state, self.registry.directory, copy_id)

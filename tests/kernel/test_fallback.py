@@ -235,3 +235,23 @@ def test_other_commands_are_refused(scratch, pv_manager, command):
     assert proc.returncode == 2
     assert proc.stderr.startswith(PIPE_COMMAND + ': ')
     assert not os.path.exists(os.path.join(work, 'x'))
+
+
+def test_wrapper_found_beside_the_interpreter_when_not_on_path(scratch, cgroup_parent,
+                                                               state_dir, monkeypatch):
+    # cinder-volume installed in a venv whose bin directory is not on its PATH.
+    beside = os.path.join(os.path.dirname(sys.executable), PIPE_COMMAND)
+    if not os.access(beside, os.X_OK):
+        pytest.skip('%s is not installed beside %s' % (PIPE_COMMAND, sys.executable))
+    monkeypatch.setenv('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')
+    assert shutil.which(PIPE_COMMAND) is None
+    src = os.path.join(scratch.tmpfs(16), 'src.img')
+    dst = os.path.join(scratch.tmpfs(16), 'dst.img')
+    digest = fill_random(src, 4 * MiB)
+    mgr = CopyManager(cgroup_parent, backend='auto', registry=Registry(state_dir))
+    with mgr.copy(src, dst, RATE) as copy:
+        assert copy.backend == 'pv'
+        assert copy.prefix[0] == beside
+        timed(dd_argv(copy.prefix, src, dst, 4 * MiB, '1M',
+                      iflag_direct=False, oflag_direct=False))
+    assert sha256_prefix(dst, 4 * MiB) == digest
