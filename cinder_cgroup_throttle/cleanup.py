@@ -8,7 +8,7 @@ Only what this package provably created is touched:
 
 * registry entries in our state directory whose owner process is gone (pid absent, or
   reused by a process that started later than the recorded owner);
-* leaf cgroups named ``copy-<owner pid>-<8 hex>`` (``manager.new_copy_id``) directly under
+* leaf cgroups named ``copy-<owner pid>-<8 hex>`` (``statefiles.COPY_ID``) directly under
   our parent cgroup, or recorded in such an entry, whose owner is gone;
 * the pv pipeline's files next to the entry (``<id>.pipe.json``, ``<id>.rate``) once the
   pipeline process that wrote them is gone too.
@@ -30,7 +30,6 @@ import re
 import time
 from typing import List, Optional, Set, Tuple
 
-import psutil
 
 from cinder_cgroup_throttle import pipeline, privileged
 from cinder_cgroup_throttle.cgroups import CgroupDriver, detect
@@ -38,18 +37,16 @@ from cinder_cgroup_throttle.cgroups.base import validate_cgroup_path
 from cinder_cgroup_throttle.cgroups.blkio_v1 import BlkioV1Driver
 from cinder_cgroup_throttle.cgroups.io_v2 import IoV2Driver
 from cinder_cgroup_throttle.exception import ThrottleError
-from cinder_cgroup_throttle.registry import Entry, Registry
+from cinder_cgroup_throttle.registry import Entry, Registry, process_alive
+from cinder_cgroup_throttle.statefiles import COPY_ID
 
 LOG = logging.getLogger(__name__)
 
-LEAF_ID = re.compile(r'^copy-(\d+)-[0-9a-f]{8}$')
-# Temporary files of Registry.save and pipeline.write_json: '.' + copy id + more.
+# Temporary files of statefiles.write_json: '.' + copy id + more.
 _TEMP_ENTRY = re.compile(r'^\.copy-(\d+)-[0-9a-f]{8}')
 _TEMP_MAX_AGE = 60.0
 _HELPER_GRACE = 5.0
 _PIPE_FILE = re.compile(r'^(copy-\d+-[0-9a-f]{8})\.(pipe\.json|rate)$')
-# A pid whose process started this much after our record was made is a reused pid.
-_CLOCK_SLACK = 1.0
 
 
 @dataclasses.dataclass
@@ -63,17 +60,6 @@ class Action:
 
     def __str__(self) -> str:
         return '%-12s %-8s %s: %s' % (self.action, self.kind, self.target, self.reason)
-
-
-def owner_alive(pid: int, started_by: Optional[float]) -> bool:
-    """Is ``pid`` the process that existed at time ``started_by`` (None: any process)?"""
-    try:
-        created = psutil.Process(pid).create_time()
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:  # exists but unreadable: assume it is the owner
-        return True
-    return started_by is None or created <= started_by + _CLOCK_SLACK
 
 
 def driver_for(controller: str, mountpoint: str, parent: str) -> CgroupDriver:
@@ -96,7 +82,7 @@ def entry_leaf(entry: Entry) -> Optional[Tuple[CgroupDriver, str]]:
         return None
     controller, _, path = entry.cgroup.partition(':')
     parent, _, leaf = path.rpartition('/')
-    if leaf != entry.id or not LEAF_ID.match(leaf) or not entry.mountpoint:
+    if leaf != entry.id or not COPY_ID.match(leaf) or not entry.mountpoint:
         raise ThrottleError('registry entry %s names cgroup %r, which is not a copy leaf'
                             % (entry.id, entry.cgroup))
     return driver_for(controller, entry.mountpoint, validate_cgroup_path(parent)), leaf
@@ -146,7 +132,7 @@ class Cleaner:
         self._remove_entry(entry.id, dead)
 
     def _orphan_leaf(self, driver: CgroupDriver, leaf: str) -> None:
-        match = LEAF_ID.match(leaf)
+        match = COPY_ID.match(leaf)
         if not match:
             return  # not created by this package
         pid = int(match.group(1))
@@ -155,7 +141,7 @@ class Cleaner:
         except FileNotFoundError:
             return
         # The owner made the leaf, so it must have started before the leaf's mtime.
-        if owner_alive(pid, created):
+        if process_alive(pid, created):
             return
         self._remove_leaf(driver, leaf, 'owner pid %d is gone and no registry entry '
                           'names it' % pid)
@@ -213,7 +199,7 @@ class Cleaner:
         state = pipeline.read_pipe_state(self.registry.directory, copy_id)
         if not state or not isinstance(state.get('wrapper_pid'), int):
             return False
-        return owner_alive(state['wrapper_pid'], state.get('started'))
+        return process_alive(state['wrapper_pid'], state.get('started'))
 
     def _state_files(self, entry_ids: Set[str]) -> None:
         """Pipeline files without a live pipeline, and half-written files (a writer was
@@ -237,7 +223,7 @@ class Cleaner:
             age = time.time() - os.stat(os.path.join(self.registry.directory, name)).st_mtime
         except FileNotFoundError:
             return False
-        return age > _TEMP_MAX_AGE and not owner_alive(pid, None)
+        return age > _TEMP_MAX_AGE and not process_alive(pid, None)
 
     def _remove_file(self, kind: str, name: str, reason: str) -> None:
         path = os.path.join(self.registry.directory, name)

@@ -20,9 +20,10 @@ from cinder_cgroup_throttle.cgroups import detect, validate_cgroup_path
 from cinder_cgroup_throttle.exception import (CgroupUnavailable, CopyNotFound, InvalidRate,
                                               ThrottleError)
 from cinder_cgroup_throttle.manager import (BACKENDS, DEFAULT_CGROUP, PIPE_COMMAND,
-                                            CopyManager, new_copy_id, pipe_command)
+                                            CopyManager, pipe_command)
 from cinder_cgroup_throttle.progress import Progress, dd_total, snapshot
 from cinder_cgroup_throttle.registry import DEFAULT_STATE_DIR, STATE_DIR_ENV, Registry
+from cinder_cgroup_throttle.statefiles import new_copy_id
 from cinder_cgroup_throttle.units import format_rate, parse_rate
 
 PROG = 'cinder-cgroup-throttle'
@@ -205,7 +206,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         ok('controller %s at %s: usable, %s is writable%s (probe cgroup created and '
            'removed)' % (driver.controller, driver.mountpoint, driver.parent_path, how))
         cgroup_ok = True
-    except ThrottleError as exc:
+    except (ThrottleError, OSError) as exc:  # OSError: e.g. the root helper is missing
         fail('cgroup controller: %s' % exc)
     tools = {name: shutil.which(name) for name in
              ('cgexec', 'dd', 'pv', PIPE_COMMAND, 'qemu-img')}
@@ -293,11 +294,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_set_limit(args: argparse.Namespace) -> int:
-    try:
-        from cinder_cgroup_throttle import relimit
-    except ImportError:
-        raise ThrottleError('set-limit is not available: cinder_cgroup_throttle.relimit '
-                            'is missing from this installation') from None
+    from cinder_cgroup_throttle import relimit
     entry = relimit.set_limit(args.id, args.rate, _registry(args))
     note = ('' if entry.bps_limit == args.rate else
             ' (asked %s; the host-wide cap allows this share)' % format_rate(args.rate))

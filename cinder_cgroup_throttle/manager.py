@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import secrets
 import shutil
 import sys
 import threading
@@ -23,6 +22,7 @@ from cinder_cgroup_throttle.exception import (CgroupUnavailable, CopyNotFound,
                                               ThrottleError)
 from cinder_cgroup_throttle.sharing import StaticLimits, device_limits, fair_shares
 from cinder_cgroup_throttle.registry import Entry, Registry, process_start_time
+from cinder_cgroup_throttle.statefiles import new_copy_id
 from cinder_cgroup_throttle.units import format_rate
 
 LOG = logging.getLogger(__name__)
@@ -53,18 +53,15 @@ class ActiveCopy:
 
 
 def pipe_command() -> Optional[str]:
-    """How to run the pv fallback's wrapper: its name when PATH finds it (as rootwrap's
-    exec_dirs will), else its path beside this interpreter (cinder-volume in a venv whose
-    bin is not on PATH); None when it is not installed."""
-    if shutil.which(PIPE_COMMAND):
-        return PIPE_COMMAND
+    """How to run the pv fallback's wrapper, None when it is not installed: its name when
+    PATH finds it or when not root (rootwrap's filters match the name and its exec_dirs
+    find it), else its path beside this interpreter (a root cinder-volume in a venv whose
+    bin is not on PATH)."""
     beside = os.path.join(os.path.dirname(sys.executable), PIPE_COMMAND)
-    return beside if os.access(beside, os.X_OK) else None
-
-
-def new_copy_id() -> str:
-    """Unique, cgroup-safe id; the pid lets a later cleanup tell a dead owner's leftovers."""
-    return 'copy-%d-%s' % (os.getpid(), secrets.token_hex(4))
+    installed_beside = os.access(beside, os.X_OK)
+    if shutil.which(PIPE_COMMAND) or (os.geteuid() != 0 and installed_beside):
+        return PIPE_COMMAND
+    return beside if installed_beside else None
 
 
 class CopyManager:
@@ -139,7 +136,11 @@ class CopyManager:
         dst_dev = devices.resolve(dst, must_exist=False)
         requested, bps_limit = bps_limit, self._first_share(bps_limit)
         limits = device_limits(src_dev, dst_dev, bps_limit, self.static)
-        backend, reason = self._choose_backend(src, dst, limits)
+        if not bps_limit and not limits:
+            # No rate configured, and the static per-direction limits meet no block device.
+            backend, reason = 'none', 'no rate configured and no limit applies to its devices'
+        else:
+            backend, reason = self._choose_backend(src, dst, limits)
         copy_id = new_copy_id()
         copy = ActiveCopy(
             id=copy_id, src=src, dst=dst, src_dev=src_dev, dst_dev=dst_dev,
@@ -199,6 +200,8 @@ class CopyManager:
             src=copy.src, dst=copy.dst,
             src_dev=copy.src_dev.majmin if copy.src_dev else None,
             dst_dev=copy.dst_dev.majmin if copy.dst_dev else None,
+            src_via_file=bool(copy.src_dev and copy.src_dev.via_file),
+            dst_via_file=bool(copy.dst_dev and copy.dst_dev.via_file),
             bps_limit=copy.bps_limit, backend=copy.backend, reason=copy.reason,
             started=copy.started, volume_id=copy.volume_id,
             cgroup=('%s:%s/%s' % (driver.controller, driver.parent, copy.id)

@@ -17,8 +17,9 @@ pipe). ``qemu-img convert`` gets its own limiter, ``-r BPS``. Anything else is r
 
 Runs as root under rootwrap while its caller (cinder-volume) may not be root, so it:
 
-* dies with its caller (PR_SET_PDEATHSIG) and takes its stages with it: no copy keeps
-  running after Cinder gave up on it;
+* dies with its parent (PR_SET_PDEATHSIG) and takes its stages with it. Its parent is the
+  process that ran it: a root cinder-volume's copy stops when cinder-volume dies; under
+  sudo + rootwrap the parent is cinder-rootwrap, which itself waits for the copy;
 * publishes progress in ``DIR/<ID>.pipe.json`` and takes rate changes from ``DIR/<ID>.rate``
   (see :func:`request_rate`), writing as the sudo caller so that it can never create or
   replace files where its caller could not.
@@ -39,7 +40,8 @@ import tempfile
 import time
 from typing import IO, Dict, Iterator, List, Optional, Sequence
 
-COPY_ID = re.compile(r'^copy-[0-9]+-[0-9a-f]{8}$')
+from cinder_cgroup_throttle.statefiles import COPY_ID, write_json
+
 USAGE = ('usage: cinder-cgroup-throttle-pipe --id ID --rate BYTES_PER_SECOND '
          '--state-dir DIR -- [ionice -cN [-nN]] dd OPERAND... | qemu-img convert ARG...')
 POLL = 0.2  # seconds between progress updates / rate-request checks
@@ -188,21 +190,6 @@ def as_caller() -> Iterator[None]:
         os.setgroups(groups)
 
 
-def write_json(path: str, data: dict) -> None:
-    """Atomic replace: readers see the old or the new file, never a partial one."""
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(data, f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def read_pipe_state(state_dir: str, copy_id: str) -> Optional[dict]:
     """The pipeline's published state (format in the module doc of this file), or None."""
     try:
@@ -265,7 +252,7 @@ def _proc_io(pid: int, key: str) -> Optional[int]:
 
 
 # -- running ----------------------------------------------------------------------------
-def _die_with_parent(sig: int) -> None:
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
     """prctl(PR_SET_PDEATHSIG): the kernel sends ``sig`` when our parent exits."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
@@ -294,7 +281,7 @@ class Pipeline:
             stage.proc = subprocess.Popen(
                 stage.argv, stdin=upstream, stderr=stage.stderr, env=env,
                 stdout=None if last else subprocess.PIPE,
-                preexec_fn=lambda: _die_with_parent(signal.SIGKILL))
+                preexec_fn=lambda: die_with_parent(signal.SIGKILL))
             if upstream is not None:
                 upstream.close()  # only the two stages hold a pipe's ends
             upstream = stage.proc.stdout
@@ -413,7 +400,7 @@ def run(argv: Sequence[str]) -> int:
 
     # Our caller (rootwrap, or cinder-volume itself when root) dying ends the copy.
     parent = os.getppid()
-    _die_with_parent(signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)
     if os.getppid() != parent:
         raise Refused('caller exited before the copy started')
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -29,10 +29,10 @@ from cinder_cgroup_throttle import devices
 from cinder_cgroup_throttle.cgroups import CgroupDriver, DeviceLimit, get_driver
 from cinder_cgroup_throttle.cgroups.base import validate_cgroup_path
 from cinder_cgroup_throttle.exception import CgroupOperationError, ThrottleError
+from cinder_cgroup_throttle.statefiles import COPY_ID
 
 COMMAND = 'cinder-cgroup-throttle-priv'
 DEFAULT_ROOT_HELPER = ['sudo', 'cinder-rootwrap', '/etc/cinder/rootwrap.conf']
-COPY_ID = re.compile(r'^copy-[0-9]+-[0-9a-f]{8}$')
 MAX_GRACE = 600.0
 
 

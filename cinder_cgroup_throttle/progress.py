@@ -28,6 +28,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 import psutil
 
 from cinder_cgroup_throttle import pipeline
+from cinder_cgroup_throttle.limits import plan_limits
 from cinder_cgroup_throttle.cleanup import entry_leaf
 from cinder_cgroup_throttle.exception import ThrottleError
 from cinder_cgroup_throttle.registry import Entry, Registry
@@ -178,8 +179,9 @@ def _bytes_done(entry: Entry, state_dir: str) -> Tuple[Optional[int], str, List[
     if located is None:
         return None, 'none', []
     driver, leaf = located
-    writes = bool(entry.dst_dev)  # the limit's direction, as limits.plan_limits decides
-    device = entry.dst_dev if writes else entry.src_dev
+    planned = plan_limits(*entry.devices(), 1)  # the direction the copy's limit is on
+    writes = bool(planned and planned[0].wbps)
+    device = planned[0].device.majmin if planned else None
     counters = driver.io_bytes(leaf)
     best, source = None, 'none'
     if device in counters:

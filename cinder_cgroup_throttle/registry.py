@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import psutil
+
+from cinder_cgroup_throttle.devices import BlockDevice
+from cinder_cgroup_throttle.statefiles import write_json
 
 DEFAULT_STATE_DIR = '/run/cinder-cgroup-throttle'
 STATE_DIR_ENV = 'CINDER_CGROUP_THROTTLE_STATE_DIR'
@@ -27,6 +29,19 @@ def process_start_time(pid: int) -> Optional[float]:
         return psutil.Process(pid).create_time()
     except psutil.Error:
         return None
+
+
+def process_alive(pid: int, started_by: Optional[float]) -> bool:
+    """Is ``pid`` the process that existed at time ``started_by`` (None: any process)?
+    A process that started later is a reused pid; one we may not inspect counts as alive
+    (never clean up after a live owner)."""
+    try:
+        created = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+    return started_by is None or created <= started_by + 1.0  # create_time's resolution
 
 
 @dataclasses.dataclass
@@ -49,11 +64,22 @@ class Entry:
     mountpoint: Optional[str] = None  # cgroup hierarchy mount for the cgroup backend
     total_bytes: Optional[int] = None
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Whether a side was a file on that disk: decides the limit's direction (limits.py).
+    src_via_file: bool = False
+    dst_via_file: bool = False
+
+    def devices(self) -> Tuple[Optional[BlockDevice], Optional[BlockDevice]]:
+        """(source, destination) disks as the owner resolved them."""
+        def device(majmin: Optional[str], via_file: bool) -> Optional[BlockDevice]:
+            if not majmin:
+                return None
+            major, minor = (int(n) for n in majmin.split(':'))
+            return BlockDevice(major, minor, majmin, via_file=via_file)
+        return (device(self.src_dev, self.src_via_file),
+                device(self.dst_dev, self.dst_via_file))
 
     def owner_alive(self) -> bool:
-        start = process_start_time(self.owner_pid)
-        return start is not None and (self.owner_start is None
-                                      or abs(start - self.owner_start) < 1.0)
+        return process_alive(self.owner_pid, self.owner_start)
 
 
 class Registry:
@@ -65,14 +91,8 @@ class Registry:
 
     def save(self, entry: Entry) -> None:
         os.makedirs(self.directory, mode=0o755, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix='.' + entry.id, dir=self.directory)
-        try:
-            with os.fdopen(fd, 'w') as f:
-                json.dump(dataclasses.asdict(entry), f)
-            os.replace(tmp, self._path(entry.id))
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        # World-readable, so a non-root status/cinder-volume reads what root re-saved.
+        write_json(self._path(entry.id), dataclasses.asdict(entry))
 
     def remove(self, copy_id: str) -> None:
         try:
@@ -84,7 +104,7 @@ class Registry:
         try:
             with open(self._path(copy_id)) as f:
                 return Entry(**json.load(f))
-        except (FileNotFoundError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError):  # gone, unreadable or not an entry
             return None
 
     def entries(self) -> List[Entry]:

@@ -22,10 +22,10 @@ import os
 from typing import Dict, Iterator, List, Optional
 
 from cinder_cgroup_throttle import pipeline, privileged
-from cinder_cgroup_throttle.cleanup import LEAF_ID, entry_leaf
-from cinder_cgroup_throttle.devices import BlockDevice
+from cinder_cgroup_throttle.cleanup import entry_leaf
 from cinder_cgroup_throttle.exception import CopyNotFound, ThrottleError
 from cinder_cgroup_throttle.registry import Entry, Registry
+from cinder_cgroup_throttle.statefiles import COPY_ID
 from cinder_cgroup_throttle.sharing import StaticLimits, device_limits, fair_shares
 from cinder_cgroup_throttle.units import format_rate
 
@@ -45,19 +45,15 @@ def policy_extra(requested_bps: int, host_bps_limit: int,
 def locked(registry: Registry) -> Iterator[None]:
     """Exclusive lock over re-balancing the copies of ``registry``."""
     os.makedirs(registry.directory, mode=0o755, exist_ok=True)
-    fd = os.open(os.path.join(registry.directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    # Read-only (flock needs no write access), so a lock file root created stays usable by
+    # a non-root cinder-volume; O_NOFOLLOW, so root never follows a link planted there.
+    fd = os.open(os.path.join(registry.directory, LOCK_FILE),
+                 os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
-
-
-def _device(majmin: Optional[str]) -> Optional[BlockDevice]:
-    if not majmin:
-        return None
-    major, minor = (int(n) for n in majmin.split(':'))
-    return BlockDevice(major, minor, majmin)
 
 
 def apply(entry: Entry, bps: int, state_dir: str) -> None:
@@ -68,17 +64,12 @@ def apply(entry: Entry, bps: int, state_dir: str) -> None:
         driver, leaf = found
         if os.geteuid() != 0:  # as the copy's owner does: through the root helper
             driver = privileged.PrivilegedDriver(driver, privileged.default_root_helper())
-        src, dst = _device(entry.src_dev), _device(entry.dst_dev)
+        src, dst = entry.devices()
         static = StaticLimits(**entry.extra.get('static', {}))
         driver.write_limits(leaf, device_limits(src, dst, bps, static),
                             previous=device_limits(src, dst, entry.bps_limit, static))
     elif entry.backend == 'pv':
-        if pipeline.read_pipe_state(state_dir, entry.id) is None:
-            # Not running yet: the pipeline applies a pending request at its first poll.
-            pipeline.write_json(pipeline.rate_request_path(state_dir, entry.id),
-                                {'rate': bps})
-            return
-        try:
+        try:  # a pipeline not running yet applies the request as it starts
             pipeline.request_rate(state_dir, entry.id, bps)
         except (RuntimeError, ValueError) as exc:
             raise ThrottleError('cannot re-limit copy %s: %s' % (entry.id, exc)) from exc
@@ -127,7 +118,7 @@ def rebalance(registry: Registry, owner_pid: Optional[int] = None) -> List[Entry
 
 def find(ident: str, registry: Registry) -> Entry:
     """The active copy with copy id ``ident``, or the only one of volume ``ident``."""
-    entry = registry.load(ident) if LEAF_ID.match(ident) else None
+    entry = registry.load(ident) if COPY_ID.match(ident) else None
     if entry is not None:
         return entry
     matches = [e for e in registry.entries() if e.volume_id == ident]

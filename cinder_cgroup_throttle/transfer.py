@@ -8,7 +8,6 @@ gets ``conv=fdatasync`` instead. Success means dd exited 0 *and* reported every 
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import re
@@ -18,11 +17,11 @@ import subprocess
 import time
 from typing import Callable, List, Optional
 
+from cinder_cgroup_throttle import pipeline
 from cinder_cgroup_throttle.exception import DeviceResolutionError, ThrottleError
 from cinder_cgroup_throttle.manager import CopyManager
 from cinder_cgroup_throttle.progress import Progress, ProgressMonitor, dd_total, path_size
 
-_PR_SET_PDEATHSIG = 1
 _DD_COPIED = re.compile(r'^(\d+) bytes', re.MULTILINE)
 # O_DIRECT needs block-aligned sizes; 4096 covers 512e and 4Kn devices.
 _ALIGN = 4096
@@ -91,12 +90,6 @@ def copy_size(src: str, dst: str, size: Optional[int]) -> int:
     return size
 
 
-def _die_with_parent() -> None:
-    """Runs in the child: dd must not outlive a killed CLI and keep copying."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def run(manager: CopyManager, src: str, dst: str, bps_limit: int, bs: str = '1M',
         size: Optional[int] = None, volume_id: Optional[str] = None,
         on_progress: Optional[Callable[[Progress], None]] = None,
@@ -107,9 +100,10 @@ def run(manager: CopyManager, src: str, dst: str, bps_limit: int, bs: str = '1M'
         argv = list(copy.prefix) + dd_argv(src, dst, size, bs)
         monitor = ProgressMonitor(manager.registry, window=_RATE_WINDOW)
         started = time.monotonic()
+        # dd must not outlive a killed CLI and keep copying.
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=pipeline.die_with_parent)
         try:
             while True:
                 try:

@@ -32,6 +32,8 @@ def parse_rate(value: object, what: str = 'rate') -> int:
         raise InvalidRate('%s %r is not a rate: use bytes/s or a number with K, M, G, T '
                           '(x1000) or Ki, Mi, Gi, Ti (x1024), e.g. "8Mi"' % (what, value))
     number, unit = match.group(1), (match.group(2) or '').lower()
+    if '.' not in number:  # exact for integers of any size; float loses beyond 2**53
+        return int(number) * _UNITS[unit]
     return int(float(number) * _UNITS[unit])
 
 

@@ -13,8 +13,9 @@ from cinder_cgroup_throttle.cgroups import get_driver
 from cinder_cgroup_throttle.exception import DeviceResolutionError, ThrottleError
 from cinder_cgroup_throttle.manager import CopyManager
 from cinder_cgroup_throttle.registry import Registry
+from cinder_cgroup_throttle.sharing import StaticLimits
 from cinder_cgroup_throttle.throttle import CgroupThrottle
-from tests.scratch import MiB, fill_random
+from tests.scratch import MiB, fill_random, timed
 
 pytestmark = pytest.mark.kernel
 
@@ -187,3 +188,32 @@ def test_parent_cgroup_is_removed_only_if_the_manager_created_it(scratch, state_
     finally:
         if os.path.isdir(parent):
             os.rmdir(parent)
+
+
+def test_relimit_keeps_the_direction_of_a_file_destination(scratch, manager):
+    # Block device -> file: the limit is on the source's reads, also after a re-limit.
+    src = scratch.loop(16)
+    mnt = scratch.mkfs_mount(scratch.loop(64), 'ext4')
+    with manager.copy(src, os.path.join(mnt, 'image.raw'), 4 * MiB) as copy:
+        manager.set_limit(copy.id, 6 * MiB)
+        path = manager.driver.leaf_path(copy.id)
+        if manager.driver.controller == 'blkio':
+            reads = open(os.path.join(path, 'blkio.throttle.read_bps_device')).read()
+            writes = open(os.path.join(path, 'blkio.throttle.write_bps_device')).read()
+            assert reads.split() == [copy.src_dev.majmin, str(6 * MiB)]
+            assert writes.strip() == ''
+        else:
+            assert ('%s rbps=%d wbps=max' % (copy.src_dev.majmin, 6 * MiB)
+                    in open(os.path.join(path, 'io.max')).read())
+
+
+def test_no_rate_and_no_applicable_limit_runs_unthrottled(scratch, cgroup_parent, state_dir):
+    # Only a read limit configured, and the source is /dev/zero: nothing to throttle, and
+    # nothing was asked for the copy as a whole, so it runs as configured: without a limit.
+    mgr = CopyManager(cgroup_parent, backend='auto', registry=Registry(state_dir),
+                      static=StaticLimits(read_bps=MiB))
+    dst = scratch.loop(8)
+    with mgr.copy('/dev/zero', dst, 0) as copy:
+        assert (copy.backend, copy.prefix) == ('none', [])
+        timed(['dd', 'if=/dev/zero', 'of=' + dst, 'bs=1M', 'count=4', 'oflag=direct'])
+    assert mgr.registry.entries() == []
