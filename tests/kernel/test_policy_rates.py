@@ -12,6 +12,7 @@ start-up on a loaded machine does not count; windows see >= 16 blocks.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -238,45 +239,52 @@ def cli() -> List[str]:
     return [exe if os.path.exists(exe) else shutil.which('cinder-cgroup-throttle')]
 
 
-def test_relimit_mid_copy_from_cli_and_python(scratch, make_throttle, state_dir):
-    throttle = make_throttle()
-    # Long enough for every window even when the CLI starts slowly (seconds under the VM
-    # lane's emulation); sped up once measured.
-    src, dst = scratch.loop(264), scratch.loop(264)
-    size = 256 * MiB
+@contextlib.contextmanager
+def running_copy(scratch, throttle, volume_id: str, mib: int):
+    """A 1M-block dd of volume ``volume_id`` running under ``throttle``; yields (dd, its
+    ActiveCopy, destination); checks dd's status and the bytes once the copy ends."""
+    src, dst = scratch.loop(mib + 8), scratch.loop(mib + 8)
+    size = mib * MiB
     digest = fill_random(src, size)
-    volume = {'id': 'c0ffee00-0000-4000-8000-000000000001', 'metadata': {}}
-    with copying(volume):
+    with copying({'id': volume_id, 'metadata': {}}):
         with throttle.subcommand(src, dst) as cmd:
             proc = subprocess.Popen(dd_argv(cmd['prefix'], src, dst, size, '1M'),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
-                copy = throttle.manager.find(volume['id'])
-                time.sleep(0.5)
-                before = window_rates(lambda: leaf_written(throttle), 3.0)[copy.id]
-                assert proc.poll() is None, 'the copy ended inside a window'
-                # Another process, by volume id, as an operator would.
-                t0 = time.monotonic()
-                out = subprocess.run(cli() + ['set-limit', volume['id'], '4Mi'],
-                                     capture_output=True, text=True, timeout=30)
-                cli_seconds = time.monotonic() - t0
-                assert out.returncode == 0, out.stderr
-                entry = Registry(state_dir).load(copy.id)
-                assert entry.bps_limit == 4 * MiB
-                time.sleep(0.5)
-                slower = window_rates(lambda: leaf_written(throttle),
-                                      window_for(4 * MiB))[copy.id]
-                # This process, by copy id.
-                t0 = time.monotonic()
-                relimit.set_limit(copy.id, 16 * MiB, Registry(state_dir))
-                applied_in = time.monotonic() - t0
-                time.sleep(1.0)  # past the burst blk-throttle allows right after a raise
-                faster = window_rates(lambda: leaf_written(throttle), 2.0)[copy.id]
-                assert proc.poll() is None, 'the copy ended inside a window'
-                relimit.set_limit(copy.id, 2**30, Registry(state_dir))  # finish it
+                yield proc, throttle.manager.find(volume_id), dst
             finally:
                 assert proc.wait(timeout=120) == 0, proc.stderr.read()
     assert sha256_prefix(dst, size) == digest
+
+
+def test_relimit_mid_copy_from_cli_and_python(scratch, make_throttle, state_dir):
+    throttle = make_throttle()
+    # Long enough for every window even when the CLI starts slowly (seconds under the VM
+    # lane's emulation); sped up once measured.
+    volume = {'id': 'c0ffee00-0000-4000-8000-000000000001'}
+    with running_copy(scratch, throttle, volume['id'], 256) as (proc, copy, dst):
+        time.sleep(0.5)
+        before = window_rates(lambda: leaf_written(throttle), 3.0)[copy.id]
+        assert proc.poll() is None, 'the copy ended inside a window'
+        # Another process, by volume id, as an operator would.
+        t0 = time.monotonic()
+        out = subprocess.run(cli() + ['set-limit', volume['id'], '4Mi'],
+                             capture_output=True, text=True, timeout=30)
+        cli_seconds = time.monotonic() - t0
+        assert out.returncode == 0, out.stderr
+        entry = Registry(state_dir).load(copy.id)
+        assert entry.bps_limit == 4 * MiB
+        time.sleep(0.5)
+        slower = window_rates(lambda: leaf_written(throttle),
+                              window_for(4 * MiB))[copy.id]
+        # This process, by copy id.
+        t0 = time.monotonic()
+        relimit.set_limit(copy.id, 16 * MiB, Registry(state_dir))
+        applied_in = time.monotonic() - t0
+        time.sleep(1.0)  # past the burst blk-throttle allows right after a raise
+        faster = window_rates(lambda: leaf_written(throttle), 2.0)[copy.id]
+        assert proc.poll() is None, 'the copy ended inside a window'
+        relimit.set_limit(copy.id, 2**30, Registry(state_dir))  # finish it
     print('re-limit: %.2f -> (CLI 4Mi, %.2f s with start-up) %.2f -> (Python 16Mi, applied '
           'in %.3f s) %.2f MiB/s'
           % (before / MiB, cli_seconds, slower / MiB, applied_in, faster / MiB))
@@ -299,34 +307,23 @@ def pv_on_path(monkeypatch):
 
 def test_relimit_mid_copy_pv_backend(scratch, make_throttle, state_dir, pv_on_path):
     throttle = make_throttle(backend='pv')
-    src, dst = scratch.loop(168), scratch.loop(168)
-    size = 160 * MiB
-    digest = fill_random(src, size)
-    volume = {'id': 'c0ffee00-0000-4000-8000-000000000002', 'metadata': {}}
-    with copying(volume):
-        with throttle.subcommand(src, dst) as cmd:
-            proc = subprocess.Popen(dd_argv(cmd['prefix'], src, dst, size, '1M'),
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            try:
-                copy = throttle.manager.find(volume['id'])
-                assert copy.backend == 'pv'
-                wait_for(lambda: pipeline.read_pipe_state(state_dir, copy.id), 'the pipeline')
+    volume = {'id': 'c0ffee00-0000-4000-8000-000000000002'}
+    with running_copy(scratch, throttle, volume['id'], 160) as (proc, copy, dst):
+        assert copy.backend == 'pv'
+        wait_for(lambda: pipeline.read_pipe_state(state_dir, copy.id), 'the pipeline')
 
-                def sample() -> Dict[str, int]:
-                    return {copy.id: device_written(dst)}
+        def sample() -> Dict[str, int]:
+            return {copy.id: device_written(dst)}
 
-                time.sleep(0.5)
-                before = window_rates(sample, 3.0)[copy.id]
-                t0 = time.monotonic()
-                entry = relimit.set_limit(volume['id'], 16 * MiB, Registry(state_dir))
-                applied_in = time.monotonic() - t0  # returns once pv -R is done
-                time.sleep(0.5)
-                after = window_rates(sample, 2.0)[copy.id]
-                assert proc.poll() is None, 'the copy ended inside a window'
-                relimit.set_limit(copy.id, 2**30, Registry(state_dir))  # finish it
-            finally:
-                assert proc.wait(timeout=120) == 0, proc.stderr.read()
-    assert sha256_prefix(dst, size) == digest
+        time.sleep(0.5)
+        before = window_rates(sample, 3.0)[copy.id]
+        t0 = time.monotonic()
+        entry = relimit.set_limit(volume['id'], 16 * MiB, Registry(state_dir))
+        applied_in = time.monotonic() - t0  # returns once pv -R is done
+        time.sleep(0.5)
+        after = window_rates(sample, 2.0)[copy.id]
+        assert proc.poll() is None, 'the copy ended inside a window'
+        relimit.set_limit(copy.id, 2**30, Registry(state_dir))  # finish it
     print('pv re-limit: %.2f -> (16Mi, applied in %.3f s) %.2f MiB/s'
           % (before / MiB, applied_in, after / MiB))
     assert entry.bps_limit == 16 * MiB
