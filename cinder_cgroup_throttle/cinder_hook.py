@@ -68,13 +68,6 @@ def current_volumes() -> Tuple[Any, ...]:
     return _volumes.get()
 
 
-def _volume_id(volume: Any) -> Optional[str]:
-    try:
-        return volume['id'] if isinstance(volume, dict) else volume.id
-    except Exception:
-        return None
-
-
 def with_admin_metadata(volume: Any) -> Any:
     """``volume`` with its admin metadata readable by policy.
 
@@ -95,7 +88,7 @@ def with_admin_metadata(volume: Any) -> Any:
                 'admin_metadata': dict(admin)}
     except Exception as exc:  # never fail a copy over metadata
         LOG.warning('volume %s: cannot read admin metadata (%s); using its metadata only',
-                    _volume_id(volume), exc)
+                    policy.volume_id(volume), exc)
         return volume
 
 
@@ -120,8 +113,8 @@ class PolicyThrottle(CgroupThrottle):
         if not (bps or self.config.host_bps_limit or self.config.static):
             yield {'prefix': []}
             return
-        volume_id = _volume_id(volumes[0]) if volumes else None
-        with self.manager.copy(srcpath, dstpath, bps, volume_id=volume_id) as copy:
+        vid = policy.volume_id(volumes[0]) if volumes else None
+        with self.manager.copy(srcpath, dstpath, bps, volume_id=vid) as copy:
             yield {'prefix': list(copy.prefix)}
 
 

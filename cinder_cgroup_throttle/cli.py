@@ -24,7 +24,7 @@ from cinder_cgroup_throttle.manager import (BACKENDS, DEFAULT_CGROUP, PIPE_COMMA
 from cinder_cgroup_throttle.progress import Progress, dd_total, snapshot
 from cinder_cgroup_throttle.registry import DEFAULT_STATE_DIR, STATE_DIR_ENV, Registry
 from cinder_cgroup_throttle.statefiles import new_copy_id
-from cinder_cgroup_throttle.units import format_rate, parse_rate
+from cinder_cgroup_throttle.units import format_rate, format_size, parse_rate
 
 PROG = 'cinder-cgroup-throttle'
 LOG = logging.getLogger(PROG)
@@ -102,12 +102,7 @@ def _interval(text: str) -> float:
 
 # -- formatting -----------------------------------------------------------------------------
 def format_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return '-'
-    for unit, size in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
-        if n >= size:
-            return '%.1f %s' % (n / size, unit)
-    return '%d B' % n
+    return '-' if n is None else format_size(n)
 
 
 def format_eta(seconds: Optional[float]) -> str:

@@ -83,7 +83,7 @@ def _metadata(volume: Any, attr: str) -> Mapping[str, str]:
     try:
         value = volume[attr] if isinstance(volume, Mapping) else getattr(volume, attr)
     except Exception as exc:  # lazy-loading from the DB can fail in many ways
-        LOG.debug('volume %s: %s not readable: %s', _volume_id(volume), attr, exc)
+        LOG.debug('volume %s: %s not readable: %s', volume_id(volume), attr, exc)
         return {}
     if isinstance(value, Mapping):
         return value
@@ -92,7 +92,8 @@ def _metadata(volume: Any, attr: str) -> Mapping[str, str]:
     return {}
 
 
-def _volume_id(volume: Any) -> Optional[str]:
+def volume_id(volume: Any) -> Optional[str]:
+    """The id of a Cinder volume object or dict, None when it has none."""
     try:
         return volume['id'] if isinstance(volume, Mapping) else volume.id
     except Exception:
@@ -102,7 +103,7 @@ def _volume_id(volume: Any) -> Optional[str]:
 def _parse_metadata_rate(volume: Any, where: str, key: str,
                          value: str) -> Optional[int]:
     try:
-        return parse_rate(value, '%s %r of volume %s' % (where, key, _volume_id(volume)))
+        return parse_rate(value, '%s %r of volume %s' % (where, key, volume_id(volume)))
     except InvalidRate as exc:
         LOG.warning('ignoring %s; the operator\'s limit applies', exc)
         return None
@@ -112,7 +113,7 @@ def volume_bps_limit(volume: Any, operator_bps: int, key: str) -> int:
     """The rate for copies of ``volume``: 0 means unlimited (as in the options)."""
     if not key:
         return operator_bps
-    vid = _volume_id(volume)
+    vid = volume_id(volume)
     limit = operator_bps
     admin = _metadata(volume, 'admin_metadata').get(key)
     if admin is not None:

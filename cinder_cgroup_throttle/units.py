@@ -37,9 +37,14 @@ def parse_rate(value: object, what: str = 'rate') -> int:
     return int(float(number) * _UNITS[unit])
 
 
+def format_size(n: float, digits: int = 1) -> str:
+    """Human-readable binary size, e.g. '16.0 MiB'."""
+    for unit, size in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
+        if n >= size:
+            return '%.*f %s' % (digits, n / size, unit)
+    return '%d B' % n
+
+
 def format_rate(bps: float) -> str:
     """Human-readable binary rate, e.g. '8.00 MiB/s'."""
-    for unit, size in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
-        if bps >= size:
-            return '%.2f %s/s' % (bps / size, unit)
-    return '%d B/s' % bps
+    return format_size(bps, 2) + '/s'
