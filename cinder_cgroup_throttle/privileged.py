@@ -16,14 +16,15 @@ delegated to another owner). Leftover processes in a leaf are root's own (dd and
 run through sudo), so killing them needs no CAP_KILL; nothing needs CAP_SYS_ADMIN.
 
 When not root, CopyManager wraps its cgroup driver in :class:`PrivilegedDriver`: reads stay
-direct; create-leaf, write-limits and one removal attempt per call go to the daemon, which
-validates every argument again and runs the very driver code a root cinder-volume runs (one
-write per limit, rmdir and never cgdelete, leftover processes killed only from inside the
-leaf). The daemon keeps its drivers for the life of the service, so the parent cgroup is
-removed with its last leaf exactly when the daemon created it. Waiting for a busy leaf
-happens on the caller's side (green under eventlet); each call into root has a deadline
-(``privsep.CALL_TIMEOUT``, ``privsep.START_TIMEOUT``) and fails with PrivilegedTimeout or
-PrivilegedHelperError, never by hanging.
+direct; create-leaf (with its limits: one call per copy start), write-limits and one
+removal attempt per call go to the daemon, which validates every argument again and runs
+the very driver code a root cinder-volume runs (one write per limit, rmdir and never
+cgdelete, leftover processes killed only from inside the leaf). The daemon keeps its
+drivers for the life of the service, so the parent cgroup is removed with its last leaf
+exactly when the daemon created it. Waiting for a busy leaf happens on the caller's side
+(green under eventlet); each call into root has a deadline (``privsep.CALL_TIMEOUT``,
+``privsep.START_TIMEOUT``) and fails with PrivilegedTimeout or PrivilegedHelperError,
+never by hanging.
 """
 from __future__ import annotations
 
@@ -58,6 +59,11 @@ def _privsep() -> ModuleType:
     return privsep
 
 
+def _rows(limits: Iterable[DeviceLimit]) -> List[List[str]]:
+    """Limits as strings, as on a command line: the daemon validates them as such."""
+    return [[lim.device.majmin] + [str(getattr(lim, k)) for k in _KEYS] for lim in limits]
+
+
 class PrivilegedDriver:
     """A cgroup driver whose writing steps run in the privsep daemon."""
 
@@ -76,15 +82,12 @@ class PrivilegedDriver:
     def _args(self, leaf: str) -> Tuple[str, str, str]:
         return self._driver.controller, self._driver.parent, leaf
 
-    def create_leaf(self, leaf: str) -> str:
-        return _privsep().create_leaf(*self._args(leaf))
+    def create_leaf(self, leaf: str, limits: Iterable[DeviceLimit] = ()) -> str:
+        return _privsep().create_leaf(*self._args(leaf), _rows(limits))
 
     def write_limits(self, leaf: str, limits: Iterable[DeviceLimit],
                      previous: Iterable[DeviceLimit] = ()) -> None:
-        # Strings, as on a command line: the daemon validates them as such.
-        rows = [[[lim.device.majmin] + [str(getattr(lim, k)) for k in _KEYS]
-                 for lim in group] for group in (limits, previous)]
-        _privsep().write_limits(*self._args(leaf), *rows)
+        _privsep().write_limits(*self._args(leaf), _rows(limits), _rows(previous))
 
     def try_remove_leaf(self, leaf: str, kill: bool = False) -> Tuple[bool, List[int]]:
         gone, killed = _privsep().try_remove_leaf(*self._args(leaf), kill)
@@ -155,8 +158,10 @@ def _limits(rows: Any) -> List[DeviceLimit]:
     return out
 
 
-def create_leaf(controller: str, parent: str, leaf: str) -> str:
-    return _leaf_driver(controller, parent, leaf).create_leaf(leaf)
+def create_leaf(controller: str, parent: str, leaf: str,
+                limits: Sequence[Sequence[str]]) -> str:
+    driver = _leaf_driver(controller, parent, leaf)
+    return driver.create_leaf(leaf, _limits(limits))  # checked before anything is made
 
 
 def write_limits(controller: str, parent: str, leaf: str, limits: Sequence[Sequence[str]],

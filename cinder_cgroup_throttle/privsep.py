@@ -124,8 +124,9 @@ def _client(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @_client
-def create_leaf(controller: str, parent: str, leaf: str) -> str:
-    return privileged.create_leaf(controller, parent, leaf)
+def create_leaf(controller: str, parent: str, leaf: str,
+                limits: Sequence[Sequence[str]]) -> str:
+    return privileged.create_leaf(controller, parent, leaf, limits)
 
 
 @_client

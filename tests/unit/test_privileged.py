@@ -42,7 +42,7 @@ def a_disk():
 ])
 def test_create_leaf_refuses(args):
     with pytest.raises(ThrottleError):
-        privileged.create_leaf(*args)
+        privileged.create_leaf(*args, [])
 
 
 @pytest.mark.parametrize('rows', [
@@ -66,6 +66,13 @@ def test_limit_rows_refused(rows):
 def test_a_whole_disk_row_is_accepted():
     limit, = privileged._limits([[a_disk(), '8388608', '0', '0', '0']])
     assert (limit.device.majmin, limit.rbps, limit.wbps) == (a_disk(), 8388608, 0)
+
+
+def test_bad_limits_refused_before_the_leaf_is_made():
+    parent = 'cct-none-%d' % os.getpid()
+    with pytest.raises(ThrottleError, match='integer'):
+        privileged.create_leaf(controller(), parent, LEAF, [[a_disk(), '1M', '0', '0', '0']])
+    assert not os.path.exists(privileged._leaf_driver(controller(), parent, LEAF).parent_path)
 
 
 def test_remove_refuses_a_non_boolean_kill():
