@@ -115,7 +115,7 @@ def _client(func: Callable[..., Any]) -> Callable[..., Any]:
             return entrypoint(*args)
         except comm.PrivsepTimeout:
             raise PrivilegedTimeout('privileged %s%r did not finish within %g s'
-                                    % (func.__name__, args, CALL_TIMEOUT)) from None
+                                    % (func.__name__, args, default.timeout)) from None
         except (daemon.FailedToDropPrivileges, daemon.ProtocolError) as exc:
             raise PrivilegedHelperError('privsep daemon: %s' % exc) from exc
     # The daemon looks the name up and runs only what carries its context's mark.
