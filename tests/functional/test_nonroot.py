@@ -134,6 +134,8 @@ def test_copy_as_unprivileged_user_through_rootwrap(scratch, cgroup_parent, depl
     os.chmod(work, 0o755)
 
     driver = get_driver(cgroup_parent)
+    # A parent found in place (an operator made it) stays: the privsep daemon did not make it.
+    os.makedirs(driver.parent_path, exist_ok=True)
     proc = run_as(user, conf, state, cgroup_parent, [[src, dst], [fsrc, fdst]])
     seen_limits, seen_pipe = set(), []
     while proc.poll() is None:  # watch the copies from outside, as root
@@ -177,6 +179,7 @@ def test_copy_as_unprivileged_user_through_rootwrap(scratch, cgroup_parent, depl
         print('%s: achieved/limit %.3f' % (cmd[0], ratio))  # shown with pytest -s
         assert 0.8 <= ratio <= 1.15, '%s: achieved/limit %.3f' % (cmd[0], ratio)
     assert driver.leaves() == []
+    assert os.path.isdir(driver.parent_path)
     assert os.listdir(state) == [] or all(n.startswith('.') for n in os.listdir(state))
 
 
@@ -318,6 +321,8 @@ def test_eventlet_service_with_greenthread_copies_and_relimit(scratch, cgroup_pa
     argv += [user_python(user), '-S', '-c', EVENTLET_SCRIPT, conf, json.dumps(plan),
              cgroup_parent, sysconfig.get_paths()['purelib']]
     driver = get_driver(cgroup_parent)
+    if os.path.isdir(driver.parent_path):
+        os.rmdir(driver.parent_path)  # the session's; empty between tests
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd='/')
     samples = {}  # leaf -> [(time, limits, written)]
@@ -371,3 +376,5 @@ def test_eventlet_service_with_greenthread_copies_and_relimit(scratch, cgroup_pa
     for limit, rate in checked:
         assert 0.9 <= rate / limit <= 1.1, rates
     assert driver.leaves() == []
+    # The privsep daemon made the parent, so it removed it with the last leaf.
+    assert not os.path.exists(driver.parent_path)
