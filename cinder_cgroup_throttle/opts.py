@@ -114,4 +114,5 @@ def register_opts(conf: cfg.ConfigOpts, backend_group: Optional[str] = None) -> 
 
 def list_opts() -> List[Tuple[str, Sequence[cfg.Opt]]]:
     """Entry point for oslo-config-generator (namespace ``cinder_cgroup_throttle``)."""
-    return [(SHARED_GROUP, ALL_OPTS)]
+    from cinder_cgroup_throttle import privsep  # here: it imports eventlet
+    return [(SHARED_GROUP, ALL_OPTS), (privsep.SECTION, privsep.list_opts())]

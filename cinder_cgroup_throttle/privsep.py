@@ -9,6 +9,7 @@ errors. How the daemon is started and why it holds CAP_DAC_OVERRIDE only: see
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -102,6 +103,19 @@ class _Context(priv_context.PrivContext):
 
 default = _Context(__name__, cfg_section=SECTION, pypath=__name__ + '.default',
                    capabilities=CAPABILITIES, logger_name=__name__, timeout=CALL_TIMEOUT)
+
+
+def list_opts() -> List[Any]:
+    """The daemon's options ([privsep_cinder_cgroup_throttle] in cinder.conf, read by the
+    daemon from root-owned files) with this context's defaults, for the sample config."""
+    out = copy.deepcopy(priv_context.OPTS)
+    for opt in out:
+        if opt.name == 'capabilities':
+            opt.default = list(CAPABILITIES)
+            opt.sample_default = ','.join(capabilities.CAPS_BYVALUE[c] for c in CAPABILITIES)
+        elif opt.name == 'logger_name':
+            opt.default = __name__
+    return out
 
 
 def _client(func: Callable[..., Any]) -> Callable[..., Any]:
