@@ -64,9 +64,9 @@ class _TimedRootwrapChannel(daemon._ClientChannel):
                 stderr.close()
             if status != 0:
                 raise PrivilegedHelperError(
-                    'the privsep daemon did not start: %s exited %d (rootwrap prints '
-                    '"Unauthorized command" when no filter admits it: see '
-                    'doc/deployment.md)' % (shlex.join(cmd), status))
+                    'the privsep daemon did not start: %s exited %d (cinder-rootwrap: 99 '
+                    'no filter admits it, 96 privsep-helper is not in exec_dirs; sudo: 1; '
+                    'see doc/deployment.md)' % (shlex.join(cmd), status))
             listen_sock.settimeout(max(0.1, deadline - time.monotonic()))
             try:
                 sock, _addr = listen_sock.accept()

@@ -378,3 +378,44 @@ def test_eventlet_service_with_greenthread_copies_and_relimit(scratch, cgroup_pa
     assert driver.leaves() == []
     # The privsep daemon made the parent, so it removed it with the last leaf.
     assert not os.path.exists(driver.parent_path)
+
+
+# The operator CLI as the service user: its cgroup probe goes through the privsep daemon,
+# started with the root helper (here the test's rootwrap.conf instead of /etc/cinder's).
+CLI_SCRIPT = textwrap.dedent('''
+    import site, sys
+    site.addsitedir(sys.argv[3])
+    from oslo_privsep import priv_context
+    priv_context.init(root_helper=['sudo', 'cinder-rootwrap', sys.argv[1]])
+    from cinder_cgroup_throttle import cli
+    sys.exit(cli.main(['--cgroup-name', sys.argv[2], 'check']))
+''')
+
+
+@pytest.mark.parametrize('layout', ['venv bin in exec_dirs', 'venv bin missing'])
+def test_cli_check_as_the_service_user(scratch, cgroup_parent, deployment, layout):
+    user, conf, state = deployment
+    if layout == 'venv bin missing':  # rootwrap cannot find privsep-helper
+        with open(conf) as f:
+            text = f.read()
+        with open(conf, 'w') as f:
+            f.write(text.replace('exec_dirs=%s,' % BIN, 'exec_dirs='))
+    env = {'PATH': ':'.join(EXEC_DIRS[1:]), 'CINDER_CGROUP_THROTTLE_STATE_DIR': state,
+           'PYTHONPATH': os.path.dirname(os.path.dirname(os.path.dirname(
+               os.path.abspath(__file__)))), 'PYTHONDONTWRITEBYTECODE': '1'}
+    argv = ['runuser', '-u', user, '--', 'env', '-i'] + ['%s=%s' % kv for kv in env.items()]
+    argv += [user_python(user), '-S', '-c', CLI_SCRIPT, conf, cgroup_parent,
+             sysconfig.get_paths()['purelib']]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd='/', timeout=120)
+    lines = [line for line in proc.stdout.splitlines() if 'cgroup controller' in line
+             or line.startswith('[ok]   controller')]
+    if layout == 'venv bin in exec_dirs':
+        assert any('usable' in line and 'through sudo cinder-rootwrap %s privsep-helper'
+                   % conf in line for line in lines), proc.stdout + proc.stderr
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    else:
+        assert proc.returncode != 0
+        assert any(line.startswith('[FAIL] cgroup controller: the privsep daemon did not '
+                                   'start') and 'exited 96 (cinder-rootwrap: 99' in line
+                   for line in lines), proc.stdout
+    assert get_driver(cgroup_parent).leaves() == []
