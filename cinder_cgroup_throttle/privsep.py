@@ -118,6 +118,25 @@ def list_opts() -> List[Any]:
     return out
 
 
+def _drop_dead_channel() -> bool:
+    """Forget the channel when its daemon is gone, so that the next call starts a new one;
+    True if it was. privsep's reader thread ends on EOF, but dies on a reset connection
+    (a daemon killed with a request unread) without failing the calls in flight or marking
+    the channel dead: those calls then only end at their deadline, and every later call
+    would fail on the broken socket."""
+    channel = default.channel
+    if channel is None or channel.reader_thread.is_alive():
+        return False
+    with default.start_lock:
+        if default.channel is channel:
+            try:
+                channel.writer.writesock.close()
+            except OSError:
+                pass
+            default.channel = None
+    return True
+
+
 def _client(func: Callable[..., Any]) -> Callable[..., Any]:
     """Make ``func`` an entrypoint of :data:`default` whose failures to cross into root
     are our named errors."""
@@ -128,10 +147,18 @@ def _client(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return entrypoint(*args)
         except comm.PrivsepTimeout:
+            if _drop_dead_channel():
+                raise PrivilegedHelperError('privileged %s%r: privsep daemon gone'
+                                            % (func.__name__, args)) from None
             raise PrivilegedTimeout('privileged %s%r did not finish within %g s'
                                     % (func.__name__, args, default.timeout)) from None
         except (daemon.FailedToDropPrivileges, daemon.ProtocolError) as exc:
             raise PrivilegedHelperError('privsep daemon: %s' % exc) from exc
+        except OSError as exc:
+            if not _drop_dead_channel():
+                raise  # the operation's own error, raised again from the daemon
+            raise PrivilegedHelperError('privileged %s%r: privsep daemon gone: %s'
+                                        % (func.__name__, args, exc)) from exc
     # The daemon looks the name up and runs only what carries its context's mark.
     setattr(call, priv_context._ENTRYPOINT_ATTR, default)
     return call

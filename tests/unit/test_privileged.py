@@ -158,3 +158,39 @@ def test_a_call_that_outlives_its_deadline_is_a_named_error(daemon_through, monk
         os.kill(daemon, signal.SIGCONT)
     gone, killed = privsep.try_remove_leaf(controller(), P, LEAF, False)  # and recovers
     assert gone and not killed
+
+
+@pytest.mark.kernel
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnhandledThreadExceptionWarning')
+def test_a_daemon_that_dies_fails_its_call_and_is_replaced(daemon_through, monkeypatch,
+                                                           kernel_ready):
+    import signal
+    import threading
+
+    from cinder_cgroup_throttle.exception import PrivilegedHelperError
+    privsep = daemon_through(['env', 'PATH=%s:%s' % (os.path.dirname(sys.executable),
+                                                     os.environ['PATH'])])
+    privsep.try_remove_leaf(controller(), P, LEAF, False)
+    daemon = our_daemons()[0]
+    # Killed with the request unread, the daemon resets the connection: privsep's reader
+    # thread dies without failing the call, which then ends at its deadline.
+    monkeypatch.setattr(privsep.default, 'timeout', 2.0)
+    os.kill(daemon, signal.SIGSTOP)  # the call is in flight when the daemon dies
+    errors = []
+
+    def call():
+        try:
+            privsep.try_remove_leaf(controller(), P, LEAF, False)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+    caller = threading.Thread(target=call)
+    caller.start()
+    caller.join(0.3)
+    os.kill(daemon, signal.SIGKILL)
+    caller.join(10)
+    assert not caller.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], PrivilegedHelperError), errors
+    assert 'privsep daemon gone' in str(errors[0])
+    gone, killed = privsep.try_remove_leaf(controller(), P, LEAF, False)  # a new daemon
+    assert gone and not killed
+    assert our_daemons()[0] != daemon
