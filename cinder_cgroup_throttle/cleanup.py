@@ -30,6 +30,7 @@ import dataclasses
 import errno
 import logging
 import os
+import stat
 import time
 from typing import List, Optional, Set, Tuple
 
@@ -238,7 +239,13 @@ class Cleaner:
 
     def _remove_file(self, kind: str, name: str, reason: str) -> None:
         path = os.path.join(self.registry.directory, name)
-        if self.dry_run:
+        try:
+            regular = stat.S_ISREG(self.registry.files.lstat(name).st_mode)
+        except FileNotFoundError:
+            return
+        if not regular:
+            self._note('foreign', path, 'kept', 'not a regular file')
+        elif self.dry_run:
             self._note(kind, path, 'would remove', reason)
         elif self.registry.files.remove(name):
             self._note(kind, path, 'removed', reason)

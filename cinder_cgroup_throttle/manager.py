@@ -21,7 +21,7 @@ from cinder_cgroup_throttle.cgroups.base import validate_cgroup_path
 from cinder_cgroup_throttle.exception import (CgroupUnavailable, CopyNotFound,
                                               ThrottleError)
 from cinder_cgroup_throttle.sharing import (StaticLimits, device_limits, fair_shares,
-                                             pipe_rate)
+                                            pipe_rate)
 from cinder_cgroup_throttle.registry import Entry, Registry, process_start_time
 from cinder_cgroup_throttle.statefiles import new_copy_id
 from cinder_cgroup_throttle.units import format_rate

@@ -27,10 +27,11 @@ from cinder_cgroup_throttle.exception import CopyNotFound, ThrottleError
 from cinder_cgroup_throttle.registry import Entry, Registry
 from cinder_cgroup_throttle.statefiles import COPY_ID
 from cinder_cgroup_throttle.sharing import (StaticLimits, device_limits, fair_shares,
-                                             pipe_rate)
+                                            pipe_rate)
 from cinder_cgroup_throttle.units import format_rate
 
 LOG = logging.getLogger(__name__)
+
 
 def policy_extra(requested_bps: int, host_bps_limit: int,
                  static: StaticLimits) -> Dict[str, object]:

@@ -102,16 +102,16 @@ class StateDir:
         except FileNotFoundError:
             raise
         except OSError as exc:
+            # O_DIRECTORY|O_NOFOLLOW fails with ENOTDIR (not ELOOP) on a link.
+            link = exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(self.path)
             raise StateDirError('state directory %s: %s' % (
-                self.path, 'is a symbolic link' if exc.errno == errno.ELOOP else
-                'not a directory' if exc.errno == errno.ENOTDIR else exc.strerror)
-            ) from None
+                self.path, 'is a symbolic link' if link else exc.strerror)) from None
         try:
             st = os.fstat(dfd)
             if _unsafe_mode(st):
                 raise StateDirError('state directory %s is writable by group or others '
-                                    '(mode %o): chmod 755 it' % (self.path,
-                                                               stat.S_IMODE(st.st_mode)))
+                                    '(mode %o): chmod 755 it'
+                                    % (self.path, stat.S_IMODE(st.st_mode)))
             yield dfd
         finally:
             os.close(dfd)
