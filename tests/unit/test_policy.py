@@ -187,3 +187,46 @@ def test_device_limits_with_static_limits():
     assert limits(device_limits(DISK_A, DISK_A, 100, static)) == [('7:1', 50, 80, 10, 20)]
     assert limits(device_limits(DISK_A, DISK_B, 0, StaticLimits(write_iops=5))) == [
         ('7:2', 0, 0, 0, 5)]
+
+
+# -- limit sources per copy kind, and the operator's floor under tenant metadata -----------
+@pytest.mark.parametrize('kind, volume, expected', [
+    (policy.WIPE, vol(user='1'), 8 * MiB),
+    (policy.WIPE, vol(user='1Mi'), 8 * MiB),
+    (policy.WIPE, vol(admin='2Mi'), 2 * MiB),
+    (policy.MIGRATION, vol(user='1'), 8 * MiB),
+    (policy.MIGRATION, vol(admin='32Mi', user='1Mi'), 32 * MiB),
+    (policy.RETYPE, vol(user='1'), MiB),
+    (policy.RETYPE, vol(user='2Mi'), 2 * MiB),
+    (policy.CLONE, vol(user='1'), MiB),
+    (policy.IMAGE, vol(user='100K'), MiB),
+    (policy.OTHER, vol(user='1'), MiB),
+    (policy.CLONE, vol(admin='512Ki'), 512 * 1024),  # admin metadata may go below
+], ids=['wipe-ignores-user', 'wipe-ignores-user-above-floor', 'wipe-admin',
+        'admin-migration-ignores-user', 'admin-migration-admin', 'retype-floor',
+        'retype-user', 'clone-floor', 'image-floor', 'other-floor', 'admin-below-floor'])
+def test_sources_by_copy_kind(kind, volume, expected):
+    assert policy.copy_bps_limit([volume], 8 * MiB, KEY, kind=kind, min_bps=MiB) == expected
+
+
+def test_every_kind_has_sources():
+    kinds = {policy.WIPE, policy.MIGRATION, policy.RETYPE, policy.CLONE, policy.IMAGE,
+             policy.OTHER}
+    assert set(policy.LIMIT_SOURCES) == kinds
+    assert all(set(s) <= {'admin', 'user'} for s in policy.LIMIT_SOURCES.values())
+
+
+def test_floor_option(tmp_path):
+    assert load(tmp_path, '').min_bps == MiB
+    assert load(tmp_path, '[lvm-1]\nvolume_copy_min_bps_limit = 4Mi\n').min_bps == 4 * MiB
+    with pytest.raises(ValueError):
+        load(tmp_path, '[lvm-1]\nvolume_copy_min_bps_limit = %d\n' % 2**64).min_bps
+
+
+def test_pipe_rate_is_the_lowest_bytes_limit():
+    from cinder_cgroup_throttle.sharing import pipe_rate
+    static = StaticLimits(read_bps=50, write_bps=80, read_iops=10)
+    assert pipe_rate(100, device_limits(DISK_A, DISK_B, 100, static)) == 50
+    assert pipe_rate(0, device_limits(DISK_A, DISK_B, 0, StaticLimits(write_bps=80))) == 80
+    assert pipe_rate(0, device_limits(DISK_A, DISK_B, 0, StaticLimits(write_iops=5))) == 0
+    assert pipe_rate(100, []) == 100 and pipe_rate(0, []) == 0
