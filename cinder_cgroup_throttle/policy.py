@@ -86,7 +86,8 @@ def load_config(conf: cfg.ConfigOpts, backend_group: Optional[str] = None) -> Th
         return lookup(conf, name, backend_group)
 
     return ThrottleConfig(
-        bps_limit=get('volume_copy_bps_limit'),
+        # Cinder's IntOpt: no bounds (a negative or >= 2**64 value is refused here).
+        bps_limit=parse_rate(get('volume_copy_bps_limit'), 'volume_copy_bps_limit'),
         static=StaticLimits(read_bps=get('volume_copy_read_bps_limit'),
                             write_bps=get('volume_copy_write_bps_limit'),
                             read_iops=get('volume_copy_read_iops_limit'),

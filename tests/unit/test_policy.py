@@ -8,6 +8,7 @@ from oslo_config import cfg
 
 from cinder_cgroup_throttle import policy
 from cinder_cgroup_throttle.devices import BlockDevice
+from cinder_cgroup_throttle.exception import InvalidRate
 from cinder_cgroup_throttle.sharing import StaticLimits, device_limits, fair_shares
 
 MiB = 2**20
@@ -230,3 +231,9 @@ def test_pipe_rate_is_the_lowest_bytes_limit():
     assert pipe_rate(0, device_limits(DISK_A, DISK_B, 0, StaticLimits(write_bps=80))) == 80
     assert pipe_rate(0, device_limits(DISK_A, DISK_B, 0, StaticLimits(write_iops=5))) == 0
     assert pipe_rate(100, []) == 100 and pipe_rate(0, []) == 0
+
+
+@pytest.mark.parametrize('value', [str(2**64 + 1000), '-1'])
+def test_cinders_integer_option_is_bounded(tmp_path, value):
+    with pytest.raises(InvalidRate, match='volume_copy_bps_limit'):
+        load(tmp_path, '[lvm-1]\nvolume_copy_bps_limit = %s\n' % value)
