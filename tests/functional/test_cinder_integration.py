@@ -254,7 +254,7 @@ def test_migration_copy_honours_volume_metadata(scratch, cinder_volume, set_thro
 
 
 def test_wipe_of_a_deleted_volume_ignores_tenant_metadata(scratch, cinder_modules,
-                                                         set_throttle, caplog):
+                                                          set_throttle, caplog):
     """Cinder's own clear_volume (LVM's delete_volume wipes with it), inside what the
     wrapped ``delete_volume`` records: a tenant's 1 B/s cannot leave it in 'deleting'."""
     from cinder_cgroup_throttle import cinder_hook, policy

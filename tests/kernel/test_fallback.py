@@ -265,7 +265,7 @@ def test_wrapper_found_beside_the_interpreter_when_not_on_path(scratch, cgroup_p
     (16 * MiB, StaticLimits(read_bps=4 * MiB, write_iops=1000), 4 * MiB),
 ], ids=['static-limit-only', 'static-limit-below-the-rate'])
 def test_pv_enforces_the_lowest_bytes_limit(scratch, on_path, cgroup_parent, state_dir,
-                                           bps, static, expected):
+                                            bps, static, expected):
     """Operator's per-direction limits bind the pv fallback too (one rate: the lowest)."""
     mgr = CopyManager(cgroup_parent, backend='pv', registry=Registry(state_dir),
                       static=static)
