@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.kernel]
 CLI = os.path.join(BIN, 'cinder-cgroup-throttle')
 TIMEOUT = 5.0
 RACE_WRITES = 1000
+CLI_RUNS = 20
 
 
 def snapshot(top):
@@ -142,15 +143,17 @@ ATTACKER = textwrap.dedent('''
     import os, signal, sys
     state, target = sys.argv[1:3]
     swaps = 0
+    prefixes = ['.copy-', 'copy-']  # SIGUSR1: temporary files only, entries stay valid
     def stop(signum, frame):
         print(swaps, flush=True)
         os._exit(0)
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: prefixes.pop())
     print('ready', flush=True)
     while True:  # every file root is writing (temporary files) or has written
         for name in os.listdir(state):
             path = os.path.join(state, name)
-            if name.startswith(('.copy-', 'copy-')) and not os.path.islink(path):
+            if name.startswith(tuple(prefixes)) and not os.path.islink(path):
                 try:
                     os.unlink(path)
                     os.symlink(target, path)
@@ -160,7 +163,7 @@ ATTACKER = textwrap.dedent('''
 ''')
 
 
-def test_symlink_swap_race_changes_nothing_outside(deployment, victim, scratch):
+def test_symlink_swap_race_changes_nothing_outside(cgroup_parent, deployment, victim, scratch):
     from cinder_cgroup_throttle.registry import Registry
     python = user_python(deployment.user)
 
@@ -185,10 +188,24 @@ def test_symlink_swap_race_changes_nothing_outside(deployment, victim, scratch):
         except OSError:
             pass  # the attacker removed our temporary file before the rename
         loaded += registry.load(data['id']) is not None
+    # The operator's set-limit as root, under attack on the files it writes.
+    attacker.send_signal(signal.SIGUSR1)
+    codes = set()
+    for _ in range(CLI_RUNS):
+        path = os.path.join(deployment.state, data['id'] + '.json')
+        if os.path.lexists(path):
+            os.unlink(path)
+        plant(deployment, data['id'] + '.json', data)
+        proc = as_root(cgroup_parent, deployment, 'set-limit', data['id'], '3Mi')
+        codes.add(proc.returncode)
+        assert proc.returncode in (0, 3) or 'error: ' in proc.stderr, proc.stderr
+    # done, a named error (the attacker removed root's temporary file), or the entry was
+    # swapped for a link, which is no copy
+    assert codes <= {0, 1, 3}, codes
     attacker.send_signal(signal.SIGTERM)
     swaps = int(attacker.communicate(timeout=TIMEOUT)[0].split()[-1])
-    print('race: %d writes (%d completed), %d reads of a valid entry, %d swaps'
-          % (RACE_WRITES, saved, loaded, swaps))
+    print('race: %d writes (%d completed), %d reads of a valid entry, %d CLI set-limit '
+          '(exit %s), %d swaps' % (RACE_WRITES, saved, loaded, CLI_RUNS, sorted(codes), swaps))
     assert swaps > 0 and saved > 0
     # the victim fixture asserts that nothing outside the state directory changed
 

@@ -100,10 +100,14 @@ def vol(user=None, admin=None, vid='v1'):
     (vol(admin='32Mi', user='64Mi'), 8 * MiB, 32 * MiB, True),
     (vol(admin='lots'), 8 * MiB, 8 * MiB, True),
     (vol(), 8 * MiB, 8 * MiB, False),
+    (vol(admin=str(2**64 + 1000)), 8 * MiB, 8 * MiB, True),
+    (vol(user='1' * 5000), 8 * MiB, 8 * MiB, True),
+    (vol(user=['4Mi']), 8 * MiB, 8 * MiB, True),
 ], ids=['user-lowers', 'user-decimal-units', 'user-cannot-raise', 'user-zero-is-raise',
         'user-equal', 'user-limits-unlimited', 'user-invalid', 'user-negative',
         'admin-raises', 'admin-lowers', 'admin-unlimited', 'user-lowers-admin',
-        'user-cannot-raise-above-admin', 'admin-invalid', 'no-metadata'])
+        'user-cannot-raise-above-admin', 'admin-invalid', 'no-metadata',
+        'admin-beyond-u64', 'user-huge', 'user-not-a-string'])
 def test_volume_metadata_rules(caplog, volume, operator, expected, warns):
     with caplog.at_level(logging.INFO, logger='cinder_cgroup_throttle.policy'):
         assert policy.volume_bps_limit(volume, operator, KEY) == expected
