@@ -43,6 +43,7 @@ from cinder_cgroup_throttle.statefiles import COPY_ID
 
 DEFAULT_ROOT_HELPER = ['sudo', 'cinder-rootwrap', '/etc/cinder/rootwrap.conf']
 MAX_LIMITS = 16  # devices per write_limits call (a copy has at most two)
+MAX_COUNT = 2**64 - 1  # the kernel's limits are u64
 _KEYS = ('rbps', 'wbps', 'riops', 'wiops')
 
 
@@ -109,15 +110,18 @@ _DRIVERS: Dict[str, CgroupDriver] = {}  # per parent, for the daemon's life (own
 
 
 def _count(value: str, what: str) -> int:
-    if not value.isdigit():
-        raise ThrottleError('%s must be a non-negative integer, not %r' % (what, value))
+    if not re.match(r'^[0-9]{1,20}\Z', value) or int(value) > MAX_COUNT:
+        raise ThrottleError('%s must be an integer from 0 to %d, not %.40r'
+                            % (what, MAX_COUNT, value))
     return int(value)
 
 
 def _device(majmin: str) -> devices.BlockDevice:
-    match = re.match(r'^([0-9]+):([0-9]+)$', majmin)
-    if not match:
-        raise ThrottleError('device must be MAJ:MIN, not %r' % majmin)
+    # Linux dev_t: 12-bit major, 20-bit minor (os.makedev overflows beyond).
+    match = re.match(r'^([0-9]{1,4}):([0-9]{1,7})\Z', majmin)
+    if not match or int(match.group(1)) >= 2**12 or int(match.group(2)) >= 2**20:
+        raise ThrottleError('device must be MAJ:MIN (major < 4096, minor < 1048576), '
+                            'not %.40r' % majmin)
     # Also proves it is a whole disk known to sysfs (a partition maps to another number).
     disk = devices.whole_disk(os.makedev(int(match.group(1)), int(match.group(2))))
     if disk.majmin != majmin:
