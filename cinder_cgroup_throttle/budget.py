@@ -61,7 +61,7 @@ class BudgetConfig:
     host: str = dataclasses.field(default_factory=socket.gethostname)
     lease_ttl: int = 10
     poll_interval: float = 0.5
-    timeout: float = 2.0
+    timeout: int = 2  # seconds per etcd request (the tooz driver takes whole seconds)
 
     def __post_init__(self) -> None:
         scheme = urllib.parse.urlsplit(self.url).scheme
@@ -305,7 +305,8 @@ class CopyBudget:
         if self._reachable is not False:
             LOG.warning('copy budget: coordination at %s unreachable (%s); copies of '
                         'backend %s run at their local limits until it is back',
-                        redact(self.config.url), exc, self.config.group)
+                        redact(self.config.url), '%s: %s' % (type(exc).__name__, exc),
+                        self.config.group)
             self._reachable = False
             self._save_state()
         local = {cid: None for cid in set(demands) | set(self._applied)
@@ -382,7 +383,7 @@ def local_states(state_dir: str) -> List[Dict[str, Any]]:
     return found
 
 
-def probe(url: str, backend: str, timeout: float = 2.0) -> Dict[str, Dict[str, Any]]:
+def probe(url: str, backend: str, timeout: int = 2) -> Dict[str, Dict[str, Any]]:
     """The members of ``backend``'s group as etcd has them now; raises ThrottleError
     naming the URL when coordination is not reachable."""
     config = BudgetConfig(url=url, group=backend, bps_limit=1, timeout=timeout)
