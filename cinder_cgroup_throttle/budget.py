@@ -397,3 +397,30 @@ def probe(url: str, backend: str, timeout: int = 2) -> Dict[str, Dict[str, Any]]
         raise ThrottleError('coordination at %s: %s' % (redact(url), exc))
     finally:
         _stop_quietly(coord)
+
+
+def views(state_dir: str, timeout: int = 2) -> List[Dict[str, Any]]:
+    """Each budget used by a live process of ``state_dir``, as etcd has it now: the
+    budget, and every host of the backend with its copies (local rate, share); or why
+    coordination is not reachable."""
+    found = []
+    for state in local_states(state_dir):
+        view: Dict[str, Any] = {'group': state['group'], 'url': state['url'],
+                                'budget_bps': state['budget_bps'], 'member': state.get(
+                                    'member'), 'reachable': False, 'error': None,
+                                'hosts': []}
+        try:
+            members = probe(state['url'], state['group'], timeout)
+        except ThrottleError as exc:
+            view['error'] = str(exc)
+            found.append(view)
+            continue
+        budget = effective_budget(members, state['budget_bps'])
+        shares = backend_shares(members, budget)
+        view.update(reachable=True, budget_bps=budget, hosts=[
+            {'member': member, 'host': caps.get('host'), 'pid': caps.get('pid'),
+             'copies': [{'id': cid, 'local_bps': local, 'share_bps': shares.get(cid)}
+                        for cid, local in sorted((caps.get('copies') or {}).items())]}
+            for member, caps in sorted(members.items())])
+        found.append(view)
+    return found

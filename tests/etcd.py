@@ -57,8 +57,8 @@ class Etcd:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError('etcd exited %s; log in %s' % (self.proc.returncode,
-                                                                    self.dir))
+                raise RuntimeError('etcd exited %s; log in %s'
+                                   % (self.proc.returncode, self.dir))
             if self.healthy():
                 return
             time.sleep(0.1)
