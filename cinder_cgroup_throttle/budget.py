@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from cinder_cgroup_throttle.exception import ThrottleError
 from cinder_cgroup_throttle.sharing import fair_shares
@@ -44,6 +44,7 @@ SCHEMES = ('etcd3+http', 'etcd3+https')
 #: This process's budget, for ``cinder-cgroup-throttle status``/``check``.
 STATE_FILE = 'budget-%d.json'
 _GROUP_PREFIX = 'cinder-copy-budget.'
+PENDING_MAX = 30.0  # seconds from admit() to the copy's registry entry, at most
 
 #: local rate of each own copy (0 = unlimited); budget share of each (None = local) ->
 #: the copies it was applied to
@@ -172,6 +173,8 @@ class CopyBudget:
         self._wake = threading.Event()
         self._coord: Any = None
         self._published: Optional[Dict[str, int]] = None
+        # Admitted copies whose registry entry is not saved yet: (local rate, when).
+        self._pending: Dict[str, Tuple[int, float]] = {}
         self._applied: Dict[str, Optional[int]] = {}
         self._members: Dict[str, Dict[str, Any]] = {}
         self._reachable: Optional[bool] = None  # unknown until the first attempt
@@ -203,7 +206,8 @@ class CopyBudget:
         """Announce a starting copy and return its budget share (None: etcd is not
         reachable, the copy runs at its local rate). The shares of this process's other
         copies are updated too; other hosts follow within their poll interval."""
-        demands = dict(self._demands(), **{copy_id: local_bps})
+        self._pending[copy_id] = (local_bps, time.monotonic())
+        demands = self._current()
         self._wake.set()  # poll while copies run
         if self._reachable is False:
             return None
@@ -213,8 +217,9 @@ class CopyBudget:
     def release(self, copy_id: str) -> None:
         """A copy of this process ended (after its registry entry was removed)."""
         self._applied.pop(copy_id, None)
+        self._pending.pop(copy_id, None)
         if self._reachable:
-            self._sync(self._demands())
+            self._sync(self._current())
         self._wake.set()
 
     @property
@@ -225,7 +230,7 @@ class CopyBudget:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                demands = self._demands()
+                demands = self._current()
             except (OSError, ValueError) as exc:
                 LOG.warning('copy budget: cannot read this host\'s copies: %s', exc)
                 demands = {}
@@ -235,6 +240,18 @@ class CopyBudget:
             self._wake.wait(self.config.poll_interval if demands or self._coord is None
                             else self._beat_every())
             self._wake.clear()
+
+    def _current(self) -> Dict[str, int]:
+        """This process's copies: the registry's, and those admitted but not saved yet
+        (a copy that failed before its entry was saved drops out after PENDING_MAX)."""
+        demands = self._demands()
+        now = time.monotonic()
+        for cid, (local, since) in list(self._pending.items()):
+            if cid in demands or now - since > PENDING_MAX:
+                self._pending.pop(cid, None)
+            else:
+                demands[cid] = local
+        return demands
 
     def _beat_every(self) -> float:
         return max(self.config.poll_interval, self.config.lease_ttl / 3.0)
