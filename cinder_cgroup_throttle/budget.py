@@ -136,6 +136,17 @@ def read_members(coord: Any, backend: str) -> Dict[str, Dict[str, Any]]:
     return {m.decode(): (caps if isinstance(caps, dict) else {}) for m, caps in found.items()}
 
 
+def why(exc: BaseException) -> str:
+    """What went wrong, in one line: tooz's connection errors often have an empty message
+    and carry etcd3gw's or requests' error as their cause."""
+    detail = str(exc) or getattr(exc, 'detail_text', None)  # etcd3gw keeps it there
+    text = '%s: %s' % (type(exc).__name__, detail) if detail else type(exc).__name__
+    cause = exc.__cause__ or getattr(exc, 'cause', None)
+    if cause is not None and cause is not exc:
+        text += ' (%s)' % why(cause)
+    return text[:300]
+
+
 def _stop_quietly(coord: Any) -> None:
     try:
         coord.stop()
@@ -322,8 +333,7 @@ class CopyBudget:
         if self._reachable is not False:
             LOG.warning('copy budget: coordination at %s unreachable (%s); copies of '
                         'backend %s run at their local limits until it is back',
-                        redact(self.config.url), '%s: %s' % (type(exc).__name__, exc),
-                        self.config.group)
+                        redact(self.config.url), why(exc), self.config.group)
             self._reachable = False
             self._save_state()
         local = {cid: None for cid in set(demands) | set(self._applied)
@@ -407,11 +417,11 @@ def probe(url: str, backend: str, timeout: int = 2) -> Dict[str, Dict[str, Any]]
     try:
         coord = connect(config, 'cli-%s-%d' % (socket.gethostname(), os.getpid()))
     except _unreachable_errors() as exc:
-        raise ThrottleError('coordination at %s unreachable: %s' % (redact(url), exc))
+        raise ThrottleError('coordination at %s unreachable: %s' % (redact(url), why(exc)))
     try:
         return read_members(coord, backend)
     except _unreachable_errors() as exc:
-        raise ThrottleError('coordination at %s: %s' % (redact(url), exc))
+        raise ThrottleError('coordination at %s: %s' % (redact(url), why(exc)))
     finally:
         _stop_quietly(coord)
 

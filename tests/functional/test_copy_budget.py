@@ -131,6 +131,8 @@ def test_etcd_killed_mid_copy_falls_back_then_restored(etcd, make_cluster):
     etcd.start()
     restored = cluster.wait_limits(all_at(fair(8), 8), 5.0)
     assert restored is not None, 'shares not restored within 5 s of etcd returning'
+    print('local limits %.2f s after etcd was killed, shares %.2f s after its restart'
+          % (fallback, restored))
     wait_done(cluster, tags)
     assert_copies_ok(cluster)
 
@@ -142,8 +144,9 @@ def test_etcd_down_at_start_then_started(etcd, make_cluster):
     cluster.wait_copies(8)
     assert cluster.wait_limits(all_at(LOCAL, 8), 3.0) is not None
     etcd.start()
-    assert cluster.wait_limits(all_at(fair(8), 8), 5.0) is not None, \
-        'shares not in force within 5 s of etcd starting'
+    restored = cluster.wait_limits(all_at(fair(8), 8), 5.0)
+    assert restored is not None, 'shares not in force within 5 s of etcd starting'
+    print('shares %.2f s after etcd started' % restored)
     assert _unreachable_lines(cluster) == {h.name: 1 for h in cluster.hosts}
     wait_done(cluster, tags)
     assert_copies_ok(cluster)
@@ -170,6 +173,8 @@ def test_dead_host_share_redistributed_within_lease_ttl(etcd, make_cluster):
     took = cluster.wait_limits(others_at(fair(7)), TTL + 2 * POLL + 1)
     assert took is not None, 'the dead host\'s share was not redistributed'
     assert time.monotonic() - t0 <= TTL + 2 * POLL + 0.5
+    print('the dead host\'s share redistributed %.2f s after its death (lease TTL %d s)'
+          % (time.monotonic() - t0, TTL))
     assert victim not in cluster.hosts[0].done
     wait_done(cluster, tags)
     assert_copies_ok(cluster)
@@ -249,6 +254,8 @@ def test_split_never_exceeds_budget_plus_unreachable_local_limits(etcd, make_clu
             proxy.sever()
             time.sleep(TTL + 3.0)
         sums = [sum(v or 0 for v in limits.values()) for _, limits in sampler.limits]
+        print('split: highest sum of limits %.3f of the budget (bound %.3f)'
+              % (max(sums) / BUDGET, bound / BUDGET))
         assert max(sums) <= bound + 8, max(sums)
         # After the leases of the cut hosts expired, the others share the whole budget.
         reachable = [leaf for h in cluster.hosts[cut_hosts:] for leaf in h.leaf_dirs()]
