@@ -20,7 +20,7 @@ from tests.etcd import Etcd
 from tests.scratch import Scratch
 
 Row = Dict[str, Any]
-BUDGET = 16 * MiB
+BUDGET = 8 * MiB
 LOCAL = 8 * MiB
 
 
@@ -37,14 +37,14 @@ def _at(share: float, n: int):
 def one(hosts: int, starts: int, scratch: Scratch, log: Any) -> Row:
     etcd = Etcd()
     etcd.start()
+    share = BUDGET / hosts
+    long_mib = int(share * (starts * 6 + 40) / MiB) + 1  # outlives the measurements
     cluster = Cluster(scratch, etcd.url, hosts, BUDGET, LOCAL, ttl=10, poll=0.5,
-                      shared_src=True)
+                      loop_mib=long_mib + 4, shared_src=True)
     try:
         t0 = time.monotonic()
         cluster.start()
         log('budget: %d hosts up in %.1f s' % (hosts, time.monotonic() - t0))
-        share = BUDGET / hosts
-        long_mib = int(share * (starts * 8 + 40) / MiB) + 1  # outlives the measurements
         for host in cluster.hosts:
             host.copy(long_mib)
         cluster.wait_copies(hosts, timeout=60)

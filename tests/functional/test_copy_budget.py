@@ -15,7 +15,6 @@ from typing import Dict, List, Optional
 import pytest
 
 from tests.budget_cluster import Cluster, Sampler
-from tests.etcd import Etcd
 from tests.scratch import MiB
 
 pytestmark = [pytest.mark.kernel, pytest.mark.cinder]
@@ -24,16 +23,6 @@ BUDGET = 16 * MiB
 LOCAL = 8 * MiB  # each copy's own limit: 8 hosts could take 4x the budget without it
 TTL = 3
 POLL = 0.5
-
-
-@pytest.fixture
-def etcd():
-    server = Etcd()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from oslo_config import cfg
 
 from cinder_cgroup_throttle import budget, opts, policy
 from cinder_cgroup_throttle.exception import ThrottleError
-from tests.etcd import Etcd
 
 MiB = 1 << 20
 
@@ -76,16 +75,6 @@ def test_options_listed_for_the_generator():
     groups = dict(opts.list_opts())
     assert {o.name for o in groups['copy_budget']} >= {'enabled', 'backend_url',
                                                        'lease_ttl', 'poll_interval'}
-
-
-@pytest.fixture
-def etcd():
-    server = Etcd()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
 
 
 def _cli(state_dir, *argv):
