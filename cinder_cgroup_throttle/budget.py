@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -187,7 +188,6 @@ class CopyBudget:
         # Admitted copies whose registry entry is not saved yet: (local rate, when).
         self._pending: Dict[str, Tuple[int, float]] = {}
         self._applied: Dict[str, Optional[int]] = {}
-        self._members: Dict[str, Dict[str, Any]] = {}
         self._reachable: Optional[bool] = None  # unknown until the first attempt
         self._last_beat = 0.0
         self._thread: Optional[threading.Thread] = None
@@ -195,6 +195,7 @@ class CopyBudget:
 
     # -- the manager's hooks ---------------------------------------------------------
     def start(self) -> None:
+        self._remove_stale_states()
         self._thread = threading.Thread(target=self._run, name='copy-budget', daemon=True)
         self._thread.start()
 
@@ -242,9 +243,10 @@ class CopyBudget:
         while not self._stop.is_set():
             try:
                 demands = self._current()
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError) as exc:  # publish nothing rather than too little
                 LOG.warning('copy budget: cannot read this host\'s copies: %s', exc)
-                demands = {}
+                self._wake.wait(self.config.poll_interval)
+                continue
             idle = not demands and self._coord is not None
             if not idle or time.monotonic() - self._last_beat >= self._beat_every():
                 self._sync(demands)
@@ -308,7 +310,6 @@ class CopyBudget:
                 or members[self.member].get('copies') != demands):
             self._publish(caps)  # our key expired with a lease etcd lost, or is stale
             members[self.member] = caps
-        self._members = members
         self.budget = effective_budget(members, self.config.bps_limit)
         return backend_shares(members, self.budget)
 
@@ -327,9 +328,6 @@ class CopyBudget:
 
     def _lost(self, exc: BaseException, demands: Dict[str, int]) -> None:
         """etcd is not reachable: local rates now, for every copy of this process."""
-        coord, self._coord = self._coord, None
-        if coord is not None:
-            _stop_quietly(coord)
         if self._reachable is not False:
             LOG.warning('copy budget: coordination at %s unreachable (%s); copies of '
                         'backend %s run at their local limits until it is back',
@@ -340,6 +338,9 @@ class CopyBudget:
                  if self._applied.get(cid, 0) is not None}
         if local:
             self._apply_quietly(local)
+        coord, self._coord = self._coord, None
+        if coord is not None:  # after the copies are safe: its requests may time out
+            _stop_quietly(coord)
 
     def _apply_quietly(self, shares: Dict[str, Optional[int]]) -> None:
         """Apply, and remember what is in force: a copy whose entry is not saved yet (it
@@ -373,6 +374,21 @@ class CopyBudget:
                               'since': time.time()})
         except OSError as exc:
             LOG.debug('copy budget: cannot write %s: %s', path, exc)
+
+    def _remove_stale_states(self) -> None:
+        """State files of processes that died (killed, or the host rebooted the service)."""
+        from cinder_cgroup_throttle.registry import process_alive
+        try:
+            names = os.listdir(self._state_dir or '')
+        except OSError:
+            return
+        for name in names:
+            match = re.match(r'^budget-(\d+)\.json$', name)
+            if match and not process_alive(int(match.group(1)), None):
+                try:
+                    os.unlink(os.path.join(self._state_dir or '', name))
+                except OSError:
+                    pass
 
     def _remove_state(self) -> None:
         path = self._state_path()
