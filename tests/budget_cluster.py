@@ -240,11 +240,11 @@ class Cluster:
         for host in self.hosts:
             host.wait_ready()
 
-    def close(self) -> List[str]:
-        """Stop every host and remove its cgroups; returns the leaves that hosts which
-        were not killed left behind."""
+    def close(self, abort: bool = False) -> List[str]:
+        """Stop every host (``abort``: kill it with its copies) and remove its cgroups;
+        returns the leaves that hosts which were not killed left behind."""
         for host in self.hosts:
-            host.quit()
+            host.kill() if abort else host.quit()
         left = []
         for host in self.hosts:
             killed = host.killed
