@@ -73,11 +73,18 @@ class BudgetConfig:
         if self.bps_limit <= 0 or not self.group:
             raise ThrottleError('a copy budget needs a backend name and a budget > 0')
 
+    @property
+    def etcd_lease_ttl(self) -> int:
+        """The etcd lease behind ``lease_ttl``: etcd revokes an expired lease within
+        0.5 s and the other hosts notice at their next poll, which must both fall within
+        ``lease_ttl`` of a host's death (etcd's shortest lease is 2 s)."""
+        return max(2, int(self.lease_ttl - self.poll_interval - 1.0))
+
     def coordinator_url(self) -> str:
         """The URL with our lease TTL and request timeout, unless the URL sets them."""
         parts = urllib.parse.urlsplit(self.url)
         query = urllib.parse.parse_qs(parts.query)
-        query.setdefault('membership_timeout', [str(self.lease_ttl)])
+        query.setdefault('membership_timeout', [str(self.etcd_lease_ttl)])
         query.setdefault('timeout', [str(self.timeout)])
         return parts._replace(query=urllib.parse.urlencode(query, doseq=True)).geturl()
 
@@ -267,7 +274,7 @@ class CopyBudget:
         return demands
 
     def _beat_every(self) -> float:
-        return max(self.config.poll_interval, self.config.lease_ttl / 3.0)
+        return max(self.config.poll_interval, self.config.etcd_lease_ttl / 3.0)
 
     def _sync(self, demands: Dict[str, int]) -> Optional[Dict[str, int]]:
         """Publish ``demands``, read the group, apply this host's shares; None when etcd

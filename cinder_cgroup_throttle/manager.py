@@ -156,13 +156,20 @@ class CopyManager:
             # No rate configured, and the static per-direction limits meet no block device.
             backend, reason = 'none', 'no rate configured and no limit applies to its devices'
         else:
-            backend, reason = self._choose_backend(src, dst, limits)
+            try:
+                backend, reason = self._choose_backend(src, dst, limits)
+            except ThrottleError:
+                if self.budget:
+                    self.budget.release(copy_id)
+                raise
         copy = ActiveCopy(
             id=copy_id, src=src, dst=dst, src_dev=src_dev, dst_dev=dst_dev,
             bps_limit=bps_limit, backend=backend, reason=reason, prefix=[],
             limits=limits if backend == 'cgroup' else [], volume_id=volume_id,
             total_bytes=total_bytes, requested_bps=requested, budget_bps=budget_bps)
         with contextlib.ExitStack() as stack:
+            if self.budget:  # last: when the copy and its entry are gone, or it failed
+                stack.callback(self.budget.release, copy_id)
             if backend == 'cgroup':
                 stack.enter_context(self._leaf(copy))
             elif backend == 'pv':
@@ -172,8 +179,6 @@ class CopyManager:
                 stack.callback(pipeline.remove_state, self.registry.directory, copy_id)
             if self.host_bps_limit:  # after the entry is gone: the others get its share
                 stack.callback(self._rebalance)
-            if self.budget:  # likewise for the copies of every host of the backend
-                stack.callback(self.budget.release, copy_id)
             self.registry.save(self._entry(copy))
             stack.callback(self._unregister, copy_id)
             with self._lock:

@@ -123,10 +123,10 @@ budget_opts = [
     cfg.StrOpt('host',
                help='Name of this host in the budget\'s membership (shown by status). '
                     'Default: the host option, else the hostname.'),
-    cfg.IntOpt('lease_ttl', default=10, min=2,
-               help='Seconds after which the copies of a host that stopped refreshing '
-                    'its etcd lease (died, or lost etcd) no longer count; the other '
-                    'hosts then share its part of the budget.'),
+    cfg.IntOpt('lease_ttl', default=10, min=4,
+               help='Seconds within which the copies of a host that died (or lost '
+                    'etcd) stop counting and the other hosts share its part of the '
+                    'budget. Its etcd lease is shorter by poll_interval + 1 s.'),
     cfg.FloatOpt('poll_interval', default=0.5, min=0.05, max=10,
                  help='Seconds between reads of the backend\'s copies while this host '
                       'runs copies: how fast shares follow copies starting or ending '

@@ -215,7 +215,7 @@ class Sampler:
 
 class Cluster:
     def __init__(self, scratch: Scratch, url: str, hosts: int, budget: int,
-                 copy_limit: int, ttl: int = 3, poll: float = 0.5, loop_mib: int = 64,
+                 copy_limit: int, ttl: int = 5, poll: float = 0.5, loop_mib: int = 64,
                  urls: Optional[Callable[[int], str]] = None,
                  shared_src: bool = False) -> None:
         self.scratch = scratch

@@ -25,7 +25,7 @@ def main() -> int:
     parser.add_argument('--budget', type=int, required=True)
     parser.add_argument('--copy-limit', type=int, required=True, help='own limit per copy')
     parser.add_argument('--host-limit', type=int, default=0)
-    parser.add_argument('--ttl', type=int, default=3)
+    parser.add_argument('--ttl', type=int, default=5)
     parser.add_argument('--poll', type=float, default=0.5)
     parser.add_argument('--bs', default='64K')
     parser.add_argument('--no-eventlet', action='store_true')

@@ -37,7 +37,7 @@ def test_config_checks_the_url():
     c = budget.BudgetConfig(url='etcd3+https://h:2379?timeout=7&ca_cert=/c', group='b',
                             bps_limit=1, lease_ttl=5)
     assert c.coordinator_url() == ('etcd3+https://h:2379?timeout=7&ca_cert=%2Fc'
-                                   '&membership_timeout=5')
+                                   '&membership_timeout=3')  # 5 - poll 0.5 - 1
     assert budget.redact('etcd3+http://u:pw@h:1') == 'etcd3+http://u:***@h:1'
 
 
@@ -88,7 +88,7 @@ def test_status_and_check_show_the_budget(etcd, tmp_path):
     state = str(tmp_path / 'state')
     demands = {'copy-1-0000abcd': 8 * MiB}
     config = budget.BudgetConfig(url=etcd.url, group='lvm-1', bps_limit=4 * MiB,
-                                 host='node-a', lease_ttl=3, poll_interval=0.2)
+                                 host='node-a', lease_ttl=4, poll_interval=0.2)
     b = budget.CopyBudget(config, lambda: demands, lambda shares: list(shares), state)
     b.start()
     try:
