@@ -311,8 +311,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     progress = snapshot(registry, entries, args.interval)
     budgets = budget.views(registry.directory)
     if args.json:
-        print(json.dumps({'copies': [_copy_row(e, p) for e, p in zip(entries, progress)],
-                          'budgets': budgets}, indent=2))
+        found: Dict[str, Any] = {'copies': [_copy_row(e, p) for e, p in zip(entries,
+                                                                           progress)]}
+        if budgets:  # shared copy budgets of processes using this state directory
+            found['budgets'] = budgets
+        print(json.dumps(found, indent=2))
         return EXIT_OK
     for line in _budget_lines(budgets):
         _say(line)
