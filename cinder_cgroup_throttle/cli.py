@@ -311,8 +311,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     progress = snapshot(registry, entries, args.interval)
     budgets = budget.views(registry.directory)
     if args.json:
-        found: Dict[str, Any] = {'copies': [_copy_row(e, p) for e, p in zip(entries,
-                                                                           progress)]}
+        rows = [_copy_row(e, p) for e, p in zip(entries, progress)]
+        found: Dict[str, Any] = {'copies': rows}
         if budgets:  # shared copy budgets of processes using this state directory
             found['budgets'] = budgets
         print(json.dumps(found, indent=2))
