@@ -24,10 +24,8 @@ etcd3gw's HTTP client.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -36,14 +34,14 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from cinder_cgroup_throttle.exception import ThrottleError
 from cinder_cgroup_throttle.sharing import fair_shares
-from cinder_cgroup_throttle.statefiles import write_json
+from cinder_cgroup_throttle.statefiles import BUDGET_NAME, StateDir
 from cinder_cgroup_throttle.units import format_rate
 
 LOG = logging.getLogger(__name__)
 
 SCHEMES = ('etcd3+http', 'etcd3+https')
 #: This process's budget, for ``cinder-cgroup-throttle status``/``check``.
-STATE_FILE = 'budget-%d.json'
+STATE_FILE = 'budget-%d.json'  # statefiles.BUDGET_NAME
 _GROUP_PREFIX = 'cinder-copy-budget.'
 PENDING_MAX = 30.0  # seconds from admit() to the copy's registry entry, at most
 
@@ -202,7 +200,6 @@ class CopyBudget:
 
     # -- the manager's hooks ---------------------------------------------------------
     def start(self) -> None:
-        self._remove_stale_states()
         self._thread = threading.Thread(target=self._run, name='copy-budget', daemon=True)
         self._thread.start()
 
@@ -364,70 +361,48 @@ class CopyBudget:
                 self._applied.pop(cid, None)
 
     # -- state for the CLI -----------------------------------------------------------
-    def _state_path(self) -> Optional[str]:
-        if not self._state_dir:
-            return None
-        return os.path.join(self._state_dir, STATE_FILE % os.getpid())
-
     def _save_state(self) -> None:
-        path = self._state_path()
-        if path is None:
+        """What the CLI needs to find this budget (a dead process's file goes with
+        ``cleanup``)."""
+        if not self._state_dir:
             return
+        files = StateDir(self._state_dir)
         try:
-            os.makedirs(self._state_dir or '', mode=0o755, exist_ok=True)
-            write_json(path, {'url': redact(self.config.url), 'group': self.config.group,
-                              'budget_bps': self.config.bps_limit, 'member': self.member,
-                              'pid': os.getpid(), 'reachable': bool(self._reachable),
-                              'since': time.time()})
-        except OSError as exc:
-            LOG.debug('copy budget: cannot write %s: %s', path, exc)
-
-    def _remove_stale_states(self) -> None:
-        """State files of processes that died (killed, or the host rebooted the service)."""
-        from cinder_cgroup_throttle.registry import process_alive
-        try:
-            names = os.listdir(self._state_dir or '')
-        except OSError:
-            return
-        for name in names:
-            match = re.match(r'^budget-(\d+)\.json$', name)
-            if match and not process_alive(int(match.group(1)), None):
-                try:
-                    os.unlink(os.path.join(self._state_dir or '', name))
-                except OSError:
-                    pass
+            files.makedirs()
+            files.write_json(STATE_FILE % os.getpid(), {
+                'url': redact(self.config.url), 'group': self.config.group,
+                'budget_bps': self.config.bps_limit, 'member': self.member,
+                'pid': os.getpid(), 'reachable': bool(self._reachable), 'since': time.time()})
+        except (OSError, ThrottleError) as exc:
+            LOG.warning('copy budget: cannot write its state for the CLI: %s', exc)
 
     def _remove_state(self) -> None:
-        path = self._state_path()
-        if path is not None:
+        if self._state_dir:
             try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+                StateDir(self._state_dir).remove(STATE_FILE % os.getpid())
+            except (OSError, ThrottleError) as exc:
+                LOG.debug('copy budget: cannot remove its state: %s', exc)
 
 
 # -- what the CLI shows ------------------------------------------------------------------
 def local_states(state_dir: str) -> List[Dict[str, Any]]:
-    """Budgets of the live processes using ``state_dir`` (their state files)."""
+    """Budgets of the live processes using ``state_dir`` (their state files, read as
+    data from an untrusted writer: bounded, no links, every field type-checked)."""
     from cinder_cgroup_throttle.registry import process_alive
+    files = StateDir(state_dir)
     found = []
-    try:
-        names = sorted(os.listdir(state_dir))
-    except FileNotFoundError:
-        return []
-    for name in names:
-        if not (name.startswith('budget-') and name.endswith('.json')):
+    for name in files.names():
+        match = BUDGET_NAME.match(name)
+        if not match:
             continue
-        path = os.path.join(state_dir, name)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd) as f:
-                data = json.loads(f.read(65536))
-        except (OSError, ValueError):
+            data = files.read_json(name)
+        except (OSError, ThrottleError) as exc:
+            LOG.warning('copy budget state %s: %s', name, exc)
             continue
-        if (isinstance(data, dict) and isinstance(data.get('pid'), int)
-                and isinstance(data.get('url'), str) and isinstance(data.get('group'), str)
-                and isinstance(data.get('budget_bps'), int)
+        if (type(data.get('pid')) is int and data['pid'] == int(match.group(1))
+                and all(type(data.get(k)) is str for k in ('url', 'group'))
+                and type(data.get('budget_bps')) is int and data['budget_bps'] > 0
                 and process_alive(data['pid'], None)):
             found.append(data)
     return found

@@ -39,7 +39,8 @@ Ki, Mi, Gi, Ti (x1024), optionally followed by B and /s: 8388608, 8Mi, 8MiB/s, 1
 exit status:
   0    success
   1    the operation failed (copy failed or incomplete, throttling cannot work
-       on this host, cleanup could not remove something)
+       on this host, cleanup could not remove something), or the state
+       directory holds foreign files (status, cleanup: listed, left alone)
   2    bad arguments
   3    no active copy has the given id (set-limit)
   130  interrupted (Ctrl-C); 143 terminated (SIGTERM)
@@ -307,7 +308,10 @@ def _copy_row(entry: Any, p: Progress) -> Dict[str, Any]:
 def cmd_status(args: argparse.Namespace) -> int:
     from cinder_cgroup_throttle import budget
     registry = _registry(args)
-    entries = registry.entries()
+    entries, foreign = registry.scan()
+    for exc in foreign:  # after the copies, which are still shown: exit 1
+        print('%s: error: %s' % (PROG, exc), file=sys.stderr)
+    code = EXIT_FAILED if foreign else EXIT_OK
     progress = snapshot(registry, entries, args.interval)
     budgets = budget.views(registry.directory)
     if args.json:
@@ -316,12 +320,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         if budgets:  # shared copy budgets of processes using this state directory
             found['budgets'] = budgets
         print(json.dumps(found, indent=2))
-        return EXIT_OK
+        return code
     for line in _budget_lines(budgets):
         _say(line)
     if not entries:
         _say('no active copies (registry %s)' % _registry(args).directory)
-        return EXIT_OK
+        return code
     rows = [['ID', 'VOLUME', 'BACKEND', 'LIMIT', 'DONE', 'TOTAL', '%', 'RATE', 'ETA',
              'OWNER', 'SRC -> DST']]
     for e, p in zip(entries, progress):
@@ -332,7 +336,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                      '%d%s' % (e.owner_pid, '' if e.owner_alive() else ' (dead)'),
                      '%s -> %s' % (e.src, e.dst)])
     _say(table(rows))
-    return EXIT_OK
+    return code
 
 
 def cmd_set_limit(args: argparse.Namespace) -> int:
@@ -357,7 +361,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         _say('nothing to clean up (registry %s%s)' % (
             _registry(args).directory,
             ', cgroup %s' % driver.parent_path if driver else ''))
-    return EXIT_FAILED if any(a.action == 'failed' for a in actions) else EXIT_OK
+    return EXIT_FAILED if any(a.action == 'failed' or a.kind == 'foreign'
+                              for a in actions) else EXIT_OK
 
 
 # -- parser ---------------------------------------------------------------------------------
@@ -428,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name, value in vars(args).items():
+        if isinstance(value, list):  # argparse turns "--opt=--" into []; no option is a list
+            args.parser.error('argument --%s: expected one value' % name.replace('_', '-'))
     if args.command == 'check' and args.dst is None and args.src is not None:
         args.parser.error('check takes SRC and DST together, or neither')
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
@@ -448,6 +456,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.debug:
             raise
         print('%s: error: %s' % (PROG, exc), file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # a bug: one line naming it; --debug shows the traceback
+        if args.debug:
+            raise
+        print('%s: internal error: %s: %s (run with --debug for details)'
+              % (PROG, type(exc).__name__, exc), file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -20,7 +20,8 @@ from cinder_cgroup_throttle.cgroups import CgroupDriver, DeviceLimit
 from cinder_cgroup_throttle.cgroups.base import validate_cgroup_path
 from cinder_cgroup_throttle.exception import (CgroupUnavailable, CopyNotFound,
                                               ThrottleError)
-from cinder_cgroup_throttle.sharing import StaticLimits, device_limits, fair_shares
+from cinder_cgroup_throttle.sharing import (StaticLimits, device_limits, fair_shares,
+                                            pipe_rate)
 from cinder_cgroup_throttle.registry import Entry, Registry, process_start_time
 from cinder_cgroup_throttle.statefiles import new_copy_id
 from cinder_cgroup_throttle.units import format_rate
@@ -114,7 +115,8 @@ class CopyManager:
         if self.budget is not None:
             self.budget.stop()
 
-    def _choose_backend(self, src: str, dst: str, limits: List[DeviceLimit]) -> tuple:
+    def _choose_backend(self, src: str, dst: str, limits: List[DeviceLimit],
+                        bps: int) -> tuple:
         """(backend, reason) for one copy; raises when the operator's choice cannot serve."""
         if self.backend != 'pv':
             if self.driver is not None and limits:
@@ -127,13 +129,17 @@ class CopyManager:
                                     % (src, dst, why))
         else:
             why = 'backend pv chosen by the operator'
-        if pipe_command() and shutil.which('pv'):
+        if not (pipe_command() and shutil.which('pv')):
+            why += ', and the pv fallback is not available (install pv and this ' \
+                'package\'s %s)' % PIPE_COMMAND
+        elif not pipe_rate(bps, limits):
+            why += ', and only IOPS limits apply, which the pv fallback cannot enforce ' \
+                '(set volume_copy_read_bps_limit or volume_copy_write_bps_limit too)'
+        else:
             return 'pv', why
         if self.allow_unthrottled:
-            return 'none', why + '; pv is not installed and unthrottled copies are allowed'
-        raise ThrottleError('cannot throttle %s -> %s: %s, and the pv fallback is not '
-                            'available (install pv and this package\'s %s)'
-                            % (src, dst, why, PIPE_COMMAND))
+            return 'none', why + '; unthrottled copies are allowed'
+        raise ThrottleError('cannot throttle %s -> %s: %s' % (src, dst, why))
 
     @contextlib.contextmanager
     def copy(self, src: str, dst: str, bps_limit: int,
@@ -157,7 +163,7 @@ class CopyManager:
             backend, reason = 'none', 'no rate configured and no limit applies to its devices'
         else:
             try:
-                backend, reason = self._choose_backend(src, dst, limits)
+                backend, reason = self._choose_backend(src, dst, limits, bps_limit)
             except ThrottleError:
                 if self.budget:
                     self.budget.release(copy_id)
@@ -173,7 +179,8 @@ class CopyManager:
             if backend == 'cgroup':
                 stack.enter_context(self._leaf(copy))
             elif backend == 'pv':
-                copy.prefix = [pipe_command(), '--id', copy_id, '--rate', str(bps_limit),
+                copy.prefix = [pipe_command(), '--id', copy_id, '--rate',
+                               str(pipe_rate(bps_limit, limits)),
                                '--state-dir', self.registry.directory, '--']
                 # The pipeline removes its state when it ends; not when it was killed.
                 stack.callback(pipeline.remove_state, self.registry.directory, copy_id)

@@ -21,6 +21,7 @@ from cinder_cgroup_throttle.units import parse_rate
 #: Cinder's group of values shared by all backend sections.
 SHARED_GROUP = 'backend_defaults'
 DEFAULT_METADATA_KEY = 'volume_copy_bps_limit'
+DEFAULT_MIN_BPS = 2**20  # 1 MiB/s
 
 
 class Rate(types.ConfigType):
@@ -97,8 +98,13 @@ throttle_opts = [
     cfg.StrOpt('volume_copy_bps_limit_metadata_key', default=DEFAULT_METADATA_KEY,
                help='Volume metadata key holding a per-volume copy rate (bytes/s or '
                     'with units). A value in user metadata can only lower the limit '
-                    'set here; a value in admin metadata replaces it. Empty => '
-                    'metadata is not consulted.'),
+                    'set here, never below volume_copy_min_bps_limit, and never for a '
+                    'delete wipe or an admin-started migration; a value in admin '
+                    'metadata replaces it. Empty => metadata is not consulted.'),
+    cfg.Opt('volume_copy_min_bps_limit', type=Rate(), default=DEFAULT_MIN_BPS,
+            help='Floor for rates from user (tenant) metadata: a lower value counts as '
+                 'this one, so a tenant cannot stall a copy. Units as for '
+                 'volume_copy_read_bps_limit. 0 => no floor.'),
 ]
 
 # Read by cinder_hook.ThrottledDriver, the one-line way to enable the throttle.

@@ -34,6 +34,7 @@ from cinder_cgroup_throttle.statefiles import COPY_ID
 COMMAND = 'cinder-cgroup-throttle-priv'
 DEFAULT_ROOT_HELPER = ['sudo', 'cinder-rootwrap', '/etc/cinder/rootwrap.conf']
 MAX_GRACE = 600.0
+MAX_COUNT = 2**64 - 1  # the kernel's limits are u64
 
 
 def default_root_helper() -> List[str]:
@@ -96,15 +97,18 @@ def host_driver(parent: str, root_helper: Optional[Sequence[str]] = None) -> Cgr
 
 # -- the root side ----------------------------------------------------------------------
 def _count(value: str, what: str) -> int:
-    if not value.isdigit():
-        raise ThrottleError('%s must be a non-negative integer, not %r' % (what, value))
+    if not re.match(r'^[0-9]{1,20}\Z', value) or int(value) > MAX_COUNT:
+        raise ThrottleError('%s must be an integer from 0 to %d, not %.40r'
+                            % (what, MAX_COUNT, value))
     return int(value)
 
 
 def _device(majmin: str) -> devices.BlockDevice:
-    match = re.match(r'^([0-9]+):([0-9]+)$', majmin)
-    if not match:
-        raise ThrottleError('device must be MAJ:MIN, not %r' % majmin)
+    # Linux dev_t: 12-bit major, 20-bit minor (os.makedev overflows beyond).
+    match = re.match(r'^([0-9]{1,4}):([0-9]{1,7})\Z', majmin)
+    if not match or int(match.group(1)) >= 2**12 or int(match.group(2)) >= 2**20:
+        raise ThrottleError('device must be MAJ:MIN (major < 4096, minor < 1048576), '
+                            'not %.40r' % majmin)
     # Also proves it is a whole disk known to sysfs (a partition maps to another number).
     disk = devices.whole_disk(os.makedev(int(match.group(1)), int(match.group(2))))
     if disk.majmin != majmin:
@@ -138,11 +142,12 @@ def run(argv: Sequence[str]) -> str:
                             previous=[DeviceLimit(dev, 1, 1, 1, 1)])
         return ''
     try:
-        grace = float(argv[4])
-    except ValueError:
-        raise ThrottleError('grace must be seconds, not %r' % argv[4]) from None
+        grace = float(argv[4]) if re.match(r'^[0-9]+(\.[0-9]+)?\Z', argv[4]) else -1.0
+    except (ValueError, OverflowError):
+        grace = -1.0
     if not 0 <= grace <= MAX_GRACE:
-        raise ThrottleError('grace must be within 0..%g s, not %g' % (MAX_GRACE, grace))
+        raise ThrottleError('grace must be seconds within 0..%g, not %.40r'
+                            % (MAX_GRACE, argv[4]))
     return ' '.join(str(pid) for pid in driver.remove_leaf(leaf, grace))
 
 

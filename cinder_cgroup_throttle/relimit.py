@@ -26,12 +26,11 @@ from cinder_cgroup_throttle.cleanup import entry_leaf
 from cinder_cgroup_throttle.exception import CopyNotFound, ThrottleError
 from cinder_cgroup_throttle.registry import Entry, Registry
 from cinder_cgroup_throttle.statefiles import COPY_ID
-from cinder_cgroup_throttle.sharing import StaticLimits, device_limits, fair_shares
+from cinder_cgroup_throttle.sharing import (StaticLimits, device_limits, fair_shares,
+                                            pipe_rate)
 from cinder_cgroup_throttle.units import format_rate
 
 LOG = logging.getLogger(__name__)
-
-LOCK_FILE = '.relimit.lock'
 
 
 def policy_extra(requested_bps: int, host_bps_limit: int,
@@ -44,11 +43,7 @@ def policy_extra(requested_bps: int, host_bps_limit: int,
 @contextlib.contextmanager
 def locked(registry: Registry) -> Iterator[None]:
     """Exclusive lock over re-balancing the copies of ``registry``."""
-    os.makedirs(registry.directory, mode=0o755, exist_ok=True)
-    # Read-only (flock needs no write access), so a lock file root created stays usable by
-    # a non-root cinder-volume; O_NOFOLLOW, so root never follows a link planted there.
-    fd = os.open(os.path.join(registry.directory, LOCK_FILE),
-                 os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    fd = registry.files.open_lock()  # never a link, a FIFO or a device
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -69,8 +64,11 @@ def apply(entry: Entry, bps: int, state_dir: str) -> None:
         driver.write_limits(leaf, device_limits(src, dst, bps, static),
                             previous=device_limits(src, dst, entry.bps_limit, static))
     elif entry.backend == 'pv':
+        src, dst = entry.devices()  # pv enforces the lowest bytes/s that applies
+        rate = pipe_rate(bps, device_limits(src, dst, bps,
+                                            StaticLimits(**entry.extra.get('static', {}))))
         try:  # a pipeline not running yet applies the request as it starts
-            pipeline.request_rate(state_dir, entry.id, bps)
+            pipeline.request_rate(state_dir, entry.id, rate)
         except (RuntimeError, ValueError) as exc:
             raise ThrottleError('cannot re-limit copy %s: %s' % (entry.id, exc)) from exc
     else:

@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from cinder_cgroup_throttle.devices import BlockDevice
 from cinder_cgroup_throttle.exception import CgroupOperationError, ThrottleError
 
-_SEGMENT = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$')
+_SEGMENT = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z')
 
 
 def validate_cgroup_path(name: str) -> str:

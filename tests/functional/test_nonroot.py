@@ -11,19 +11,18 @@ import json
 import os
 import pwd
 import re
-import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import textwrap
 import time
 
 import pytest
 
 from cinder_cgroup_throttle.cgroups import get_driver
+from tests.functional.nonroot import user_python
 from tests.scratch import MiB, fill_random, sha256_prefix
-from tests.unit.test_rootwrap_filters import EXEC_DIRS, write_filters
+from tests.unit.test_rootwrap_filters import EXEC_DIRS
 
 pytestmark = [pytest.mark.kernel, pytest.mark.cinder]
 
@@ -60,57 +59,6 @@ USER_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def run(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, text=True)
-
-
-@pytest.fixture
-def deployment(tmp_path_factory, cgroup_parent, scratch):
-    """User, sudoers rule, rootwrap config and state dir; all removed afterwards."""
-    if not shutil.which('sudo') or not shutil.which('runuser'):
-        pytest.skip('sudo and runuser are needed (apt-get install sudo util-linux)')
-    user = 'cct-nr-%d' % os.getpid()
-    run('useradd', '--system', '--no-create-home', '--shell', '/usr/sbin/nologin', user)
-    scratch.defer('userdel ' + user, lambda: run('userdel', user))
-    pw = pwd.getpwnam(user)
-
-    etc = tempfile.mkdtemp(prefix='cct-rootwrap-')  # root-owned, as rootwrap requires
-    scratch.defer('rm ' + etc, lambda: shutil.rmtree(etc))
-    os.chmod(etc, 0o755)
-    filters = write_filters(os.path.join(etc, 'rootwrap.d'), cgroup_parent)
-    conf = os.path.join(etc, 'rootwrap.conf')
-    with open(conf, 'w') as f:
-        f.write('[DEFAULT]\nfilters_path=%s\nexec_dirs=%s\nuse_syslog=False\n'
-                % (filters, ','.join(EXEC_DIRS)))
-
-    rootwrap = os.path.join(BIN, 'cinder-rootwrap')
-    sudoers = '/etc/sudoers.d/cct-nonroot-%d' % os.getpid()
-    rule = ('Defaults:%s secure_path="%s"\n%s ALL = (root) NOPASSWD: %s %s *\n'
-            % (user, ':'.join(EXEC_DIRS), user, rootwrap, conf))
-    with open(sudoers + '.tmp', 'w') as f:
-        f.write(rule)
-    run('visudo', '-c', '-q', '-f', sudoers + '.tmp')
-    os.chmod(sudoers + '.tmp', 0o440)
-    os.replace(sudoers + '.tmp', sudoers)
-    scratch.defer('rm ' + sudoers, lambda: os.unlink(sudoers))
-
-    os.chmod(scratch.dir, 0o711)  # the user reaches its state dir and the test files
-    state = os.path.join(scratch.dir, 'state')
-    os.mkdir(state)
-    os.chown(state, pw.pw_uid, pw.pw_gid)
-    return user, conf, state
-
-
-def user_python(user):
-    """An interpreter of this Python version that the user may run (a venv's python may
-    point into root's home)."""
-    for python in (sys.executable, '/usr/bin/python%d.%d' % sys.version_info[:2]):
-        if subprocess.run(['runuser', '-u', user, '--', python, '-c', 'pass'],
-                          capture_output=True).returncode == 0:
-            return python
-    pytest.skip('no python%d.%d that %s can run' % (sys.version_info[:2] + (user,)))
-
-
 def run_as(user, conf, state, parent, copies):
     env = {'PATH': ':'.join([BIN] + EXEC_DIRS), 'CINDER_CGROUP_THROTTLE_STATE_DIR': state,
            'PYTHONPATH': os.path.dirname(os.path.dirname(os.path.dirname(
@@ -123,7 +71,7 @@ def run_as(user, conf, state, parent, copies):
 
 
 def test_copy_as_unprivileged_user_through_rootwrap(scratch, cgroup_parent, deployment):
-    user, conf, state = deployment
+    user, conf, state = deployment.user, deployment.conf, deployment.state
     size = SIZE_MB * MiB
     src, dst = scratch.loop(32), scratch.loop(32)
     digest = fill_random(src, size)

@@ -78,7 +78,8 @@ def verdict(filter_list, argv):
 
 
 # -- what we generate is admitted (shapes of Cinder's argv; the real runs are below) -------
-@pytest.mark.parametrize('argv', [
+PRIV = ['cinder-cgroup-throttle-priv']
+GENERATED = [
     CGEXEC + DD,
     CGEXEC + ['ionice', '-c3'] + DD,
     CGEXEC + ['ionice', '-c2', '-n7'] + DD,
@@ -87,9 +88,23 @@ def verdict(filter_list, argv):
     PIPE + DD,
     PIPE + ['ionice', '-c3'] + DD[:-1] + ['conv=fdatasync'],
     PIPE + ['qemu-img', 'convert', '-O', 'raw', '/var/lib/cinder/conversion/img', '/dev/x'],
-], ids=lambda a: ' '.join(a[:1] + a[3:5]))
+    PRIV + ['create-leaf', 'blkio', P, LEAF],
+    PRIV + ['set-limit', 'io', P, LEAF, '7:1', '8388608', '0', '0', '0'],
+    PRIV + ['remove-leaf', 'blkio', P, LEAF, '10'],
+]
+
+
+@pytest.mark.parametrize('argv', GENERATED, ids=lambda a: ' '.join(a[:1] + a[3:5]))
 def test_generated_shapes_are_admitted_by_our_filters(filters, argv):
     assert (verdict(filters, argv) or '').startswith('cct_'), argv
+
+
+@pytest.mark.parametrize('argv', GENERATED, ids=lambda a: ' '.join(a[:1] + a[3:5]))
+def test_a_trailing_newline_in_any_argument_is_denied(filters, argv):
+    """rootwrap appends "$" to each pattern, which matches before a final newline."""
+    for i in range(len(argv)):
+        bad = argv[:i] + [argv[i] + '\n'] + argv[i + 1:]
+        assert verdict(filters, bad) is None, bad
 
 
 # -- hostile commands are denied --------------------------------------------------------
