@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List
 
+import budget
 from copyrun import MiB, CopyResult, DeviceSampler, run_concurrently, run_copy
 
 from tests.scratch import Scratch, fill_random, sha256_prefix
@@ -333,4 +334,4 @@ def timeline(cfg: Config, scratch: Scratch, con: Any) -> List[Row]:
 
 PHASES: Dict[str, Callable[[Config, Scratch, Any], List[Row]]] = {
     'accuracy': accuracy, 'concurrent': concurrent, 'scale': scale, 'cpu': cpu,
-    'timeline': timeline}
+    'timeline': timeline, 'budget': budget.phase}

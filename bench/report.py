@@ -67,7 +67,8 @@ def table(rows: List[Row]) -> str:
     out = ['| case | ours | Cinder BlkioCgroup | target (ours) |', '|---|---|---|---|']
     seen: List[str] = []
     for row in rows:
-        if row['case'] not in seen and not row['case'].startswith(('left behind', 'CPU')):
+        if row['case'] not in seen and not row['case'].startswith(('left behind', 'CPU')) \
+                and 'summary' not in row:
             seen.append(row['case'])
     for case in seen:
         ours, cinder = _find(rows, case, 'ours'), _find(rows, case, 'cinder')
@@ -113,6 +114,11 @@ def table(rows: List[Row]) -> str:
             if 'pv' in case:
                 target += ' (≤ %.1f×: %s)' % (CPU_TARGET, _mark(factor <= CPU_TARGET))
         out.append('| %s | %s | | %s |' % (case, cell, target))
+    for row in rows:  # the shared copy budget (bench/budget.py)
+        if 'summary' in row:
+            out.append('| %s | %s | | re-balance within 2 s: %s |' % (
+                row['case'], row['summary'], _mark(row['rebalance_start_p99_s'] <= 2
+                                                   and row['rebalance_end_p99_s'] <= 2)))
     left_cases: List[str] = []
     for row in rows:
         if row['case'].startswith('left behind') and row['case'] not in left_cases:

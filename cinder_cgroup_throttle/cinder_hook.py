@@ -124,7 +124,8 @@ class PolicyThrottle(CgroupThrottle):
                          or CopyManager(config.cgroup_name, backend=config.backend,
                                         allow_unthrottled=config.allow_unthrottled,
                                         host_bps_limit=config.host_bps_limit,
-                                        static=config.static))
+                                        static=config.static,
+                                        budget_config=config.budget))
 
     @contextlib.contextmanager
     def subcommand(self, srcpath: str, dstpath: str) -> Iterator[Dict[str, Any]]:
@@ -133,7 +134,8 @@ class PolicyThrottle(CgroupThrottle):
             volumes = tuple(with_admin_metadata(v) for v in volumes)
         bps = policy.copy_bps_limit(volumes, self.config.bps_limit, self.config.metadata_key,
                                     kind=current_kind(), min_bps=self.config.min_bps)
-        if not (bps or self.config.host_bps_limit or self.config.static):
+        if not (bps or self.config.host_bps_limit or self.config.static
+                or self.config.budget):
             yield {'prefix': []}
             return
         vid = policy.volume_id(volumes[0]) if volumes else None

@@ -42,7 +42,8 @@ from cinder_cgroup_throttle.cgroups.blkio_v1 import BlkioV1Driver
 from cinder_cgroup_throttle.cgroups.io_v2 import IoV2Driver
 from cinder_cgroup_throttle.exception import ThrottleError
 from cinder_cgroup_throttle.registry import Entry, Registry, process_alive
-from cinder_cgroup_throttle.statefiles import COPY_ID, STATE_NAME, TEMP_NAME, ForeignFile
+from cinder_cgroup_throttle.statefiles import (BUDGET_NAME, COPY_ID, STATE_NAME, TEMP_NAME,
+                                               ForeignFile)
 
 LOG = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ _HELPER_GRACE = 5.0
 class Action:
     """One thing cleanup removed, would remove (dry run) or left alone, and why."""
 
-    kind: str  # 'cgroup', 'registry', 'pipefile', 'tempfile' or 'foreign'
+    kind: str  # 'cgroup', 'registry', 'pipefile', 'tempfile', 'budget' or 'foreign'
     target: str  # cgroup path, copy id or file path
     action: str  # 'removed', 'would remove', 'kept' or 'failed'
     reason: str
@@ -225,8 +226,11 @@ class Cleaner:
                     continue
                 if not alive:
                     self._remove_file('pipefile', name, 'its copy and pipeline are gone')
-            elif temp and self._stale_temp(name, int(temp.group(2))):
+            elif temp and self._stale_temp(name, int(temp.group(2) or temp.group(3))):
                 self._remove_file('tempfile', name, 'its writer is gone')
+            elif BUDGET_NAME.match(name) and not process_alive(
+                    int(BUDGET_NAME.match(name).group(1)), None):
+                self._remove_file('budget', name, 'its process is gone (budget.py)')
 
     def _stale_temp(self, name: str, pid: int) -> bool:
         # The pid in the name is the copy's owner; a pipeline may outlive it and still be

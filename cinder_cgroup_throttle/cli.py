@@ -217,6 +217,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         fail('nothing can throttle copies here: no usable cgroup controller and no pv '
              'fallback (install pv)')
         return EXIT_FAILED
+    if not _check_coordination(args, ok, fail):
+        return EXIT_FAILED
     if args.src is None:
         _say('throttling works: %s' % ('cgroup backend' if cgroup_ok
                                        else 'pv fallback only'))
@@ -233,6 +235,44 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     _say('throttling works for %s -> %s: backend %s' % (args.src, args.dst, copy.backend))
     return EXIT_OK
+
+
+def _check_coordination(args: argparse.Namespace, ok: Callable[[str], None],
+                        fail: Callable[[str], None]) -> bool:
+    """Whether every shared copy budget's coordination (of the processes using the state
+    directory, or --coordination-url) answers."""
+    from cinder_cgroup_throttle import budget
+    targets = [(s['url'], s['group']) for s in budget.local_states(_registry(args).directory)]
+    if args.coordination_url:
+        targets.append((args.coordination_url, 'check'))
+    reachable = True
+    for url, group in targets:
+        try:
+            members = budget.probe(url, group)
+            ok('copy budget %s: coordination at %s reachable (%d hosts)'
+               % (group, budget.redact(url), len(members)))
+        except ThrottleError as exc:
+            fail('copy budget %s: %s; copies run at their local limits' % (group, exc))
+            reachable = False
+    return reachable
+
+
+def _budget_lines(views: List[Dict[str, Any]]) -> List[str]:
+    lines = []
+    for v in views:
+        lines.append('budget %s: %s shared through %s%s' % (
+            v['group'], format_rate(v['budget_bps']), v['url'],
+            '' if v['reachable'] else ' -- %s; copies here run at their local limits'
+            % v['error']))
+        rows = [['HOST', 'PID', 'COPY', 'LOCAL', 'SHARE']]
+        for h in v['hosts']:
+            rows += [[h['host'] or '-', str(h['pid']), c['id'],
+                      format_rate(c['local_bps']) if c['local_bps'] else 'no limit',
+                      _opt_rate(c['share_bps'])] for c in h['copies']]
+            if not h['copies']:
+                rows.append([h['host'] or '-', str(h['pid']), '-', '-', '-'])
+        lines += [table(rows), ''] if v['reachable'] else ['']
+    return lines
 
 
 def cmd_copy(args: argparse.Namespace) -> int:
@@ -266,16 +306,23 @@ def _copy_row(entry: Any, p: Progress) -> Dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from cinder_cgroup_throttle import budget
     registry = _registry(args)
     entries, foreign = registry.scan()
     for exc in foreign:  # after the copies, which are still shown: exit 1
         print('%s: error: %s' % (PROG, exc), file=sys.stderr)
     code = EXIT_FAILED if foreign else EXIT_OK
     progress = snapshot(registry, entries, args.interval)
+    budgets = budget.views(registry.directory)
     if args.json:
-        print(json.dumps({'copies': [_copy_row(e, p) for e, p in zip(entries, progress)]},
-                         indent=2))
+        rows = [_copy_row(e, p) for e, p in zip(entries, progress)]
+        found: Dict[str, Any] = {'copies': rows}
+        if budgets:  # shared copy budgets of processes using this state directory
+            found['budgets'] = budgets
+        print(json.dumps(found, indent=2))
         return code
+    for line in _budget_lines(budgets):
+        _say(line)
     if not entries:
         _say('no active copies (registry %s)' % _registry(args).directory)
         return code
@@ -346,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('src', nargs='?', metavar='SRC')
     p.add_argument('dst', nargs='?', metavar='DST')
     p.add_argument('--backend', choices=BACKENDS, default='auto')
+    p.add_argument('--coordination-url', metavar='URL',
+                   help='also check that this etcd3+http(s):// copy budget URL answers')
 
     p = command('copy', cmd_copy, 'copy SRC (block device or file) to DST at RATE, with a '
                 'progress bar on stderr and a summary')

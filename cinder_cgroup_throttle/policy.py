@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 from oslo_config import cfg
 
 from cinder_cgroup_throttle import opts
+from cinder_cgroup_throttle.budget import BudgetConfig
 from cinder_cgroup_throttle.exception import InvalidRate
 from cinder_cgroup_throttle.sharing import StaticLimits
 from cinder_cgroup_throttle.units import format_rate, parse_rate
@@ -62,6 +64,7 @@ class ThrottleConfig:
     allow_unthrottled: bool = False
     metadata_key: str = opts.DEFAULT_METADATA_KEY
     min_bps: int = opts.DEFAULT_MIN_BPS
+    budget: Optional[BudgetConfig] = None  # shared with the backend's other hosts
 
 
 def lookup(conf: cfg.ConfigOpts, name: str, backend_group: Optional[str] = None) -> Any:
@@ -97,7 +100,34 @@ def load_config(conf: cfg.ConfigOpts, backend_group: Optional[str] = None) -> Th
         backend=get('volume_copy_throttle_backend'),
         allow_unthrottled=get('volume_copy_allow_unthrottled'),
         metadata_key=(get('volume_copy_bps_limit_metadata_key') or '').strip(),
-        min_bps=get('volume_copy_min_bps_limit'))
+        min_bps=get('volume_copy_min_bps_limit'),
+        budget=budget_config(conf, backend_group, get('volume_copy_backend_bps_limit'),
+                             get('volume_copy_budget_name')))
+
+
+def _cinder_option(conf: cfg.ConfigOpts, name: str, group: Optional[str] = None) -> Any:
+    """An option Cinder registers (None where it is not registered: CLI, tests)."""
+    try:
+        return conf[group][name] if group else conf[name]
+    except (cfg.NoSuchOptError, cfg.NoSuchGroupError, KeyError):
+        return None
+
+
+def budget_config(conf: cfg.ConfigOpts, backend_group: Optional[str], bps_limit: int,
+                  name: Optional[str]) -> Optional[BudgetConfig]:
+    """The backend's shared budget, None unless [copy_budget] is enabled and the backend
+    has a budget; raises ThrottleError naming what is missing or wrong."""
+    section = conf[opts.BUDGET_GROUP]
+    if not (section.enabled and bps_limit):
+        return None
+    url = section.backend_url or _cinder_option(conf, 'backend_url', 'coordination')
+    name = (name or (_cinder_option(conf, 'volume_backend_name', backend_group)
+                     if backend_group else None) or backend_group or 'DEFAULT')
+    return BudgetConfig(url=url or '', group=name, bps_limit=bps_limit,
+                        host=section.host or _cinder_option(conf, 'host')
+                        or socket.gethostname(),
+                        lease_ttl=section.lease_ttl, poll_interval=section.poll_interval,
+                        timeout=section.timeout)
 
 
 def _metadata(volume: Any, attr: str) -> Mapping[str, str]:

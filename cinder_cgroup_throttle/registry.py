@@ -15,8 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import psutil
 
 from cinder_cgroup_throttle.devices import BlockDevice
-from cinder_cgroup_throttle.statefiles import (COPY_ID, LOCK_NAME, STATE_NAME, TEMP_NAME,
-                                               ForeignFile, StateDir)
+from cinder_cgroup_throttle.statefiles import (BUDGET_NAME, COPY_ID, LOCK_NAME, STATE_NAME,
+                                               TEMP_NAME, ForeignFile, StateDir)
 
 LOG = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ def _extra(v: Any) -> bool:
         return False
     static = v.get('static', {})
     return (all(_int()(v[k]) for k in ('requested_bps', 'host_bps_limit') if k in v)
+            and (v.get('budget_bps') is None or _int()(v['budget_bps']))  # budget.py
             and type(static) is dict and set(static) <= set(_STATIC_KEYS)
             and all(_int()(n) for n in static.values()))
 
@@ -217,7 +218,8 @@ class Registry:
                     continue
                 if entry is not None:
                     found.append(entry)
-            elif not (match or TEMP_NAME.match(name) or name == LOCK_NAME):
+            elif not (match or TEMP_NAME.match(name) or name == LOCK_NAME
+                      or BUDGET_NAME.match(name)):
                 foreign.append(ForeignFile(self.directory, name,
                                            'not a name this package uses'))
         return found, foreign

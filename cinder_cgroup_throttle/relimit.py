@@ -115,6 +115,9 @@ def _rebalance_locked(registry: Registry, owner_pid: int,
     shares = fair_shares(requested, cap)
     for entry in entries:
         share = shares[entry.id]
+        budget = int(entry.extra.get('budget_bps') or 0)  # the backend's shared budget
+        if budget:
+            share = min(share, budget) if share else budget
         if share != entry.bps_limit:
             try:
                 apply(entry, share, registry.directory)
@@ -133,10 +136,17 @@ def _rebalance_locked(registry: Registry, owner_pid: int,
     return entries
 
 
-def rebalance(registry: Registry, owner_pid: Optional[int] = None) -> List[Entry]:
+def rebalance(registry: Registry, owner_pid: Optional[int] = None,
+              budgets: Optional[Dict[str, Optional[int]]] = None) -> List[Entry]:
     """Re-compute and apply the rates of every active copy of ``owner_pid`` (default:
-    this process); call it after a copy of that owner started or ended."""
+    this process); call it after a copy of that owner started or ended. ``budgets``:
+    new shares of the backend's budget by copy id (budget.py; None: no budget share)."""
     with locked(registry):
+        for copy_id, budget in (budgets or {}).items():
+            entry = registry.load(copy_id)
+            if entry is not None and entry.extra.get('budget_bps') != budget:
+                entry.extra['budget_bps'] = budget
+                registry.save(entry)
         return _rebalance_locked(registry, owner_pid or os.getpid())
 
 

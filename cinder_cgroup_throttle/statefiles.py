@@ -39,9 +39,12 @@ from cinder_cgroup_throttle.exception import ThrottleError
 COPY_ID = re.compile(r'^copy-([0-9]+)-[0-9a-f]{8}\Z')
 #: Files of one copy: the registry entry, the pv pipeline's state and its rate requests.
 STATE_NAME = re.compile(r'^(copy-[0-9]+-[0-9a-f]{8})\.(json|pipe\.json|rate)\Z')
-#: Temporary files of :meth:`StateDir.write_json` (a writer killed before its rename).
-TEMP_NAME = re.compile(r'^\.(copy-([0-9]+)-[0-9a-f]{8})\.(json|pipe\.json|rate)'
-                       r'\.[0-9a-f]{16}\.tmp\Z')
+#: A shared copy budget's state (budget.py), of the process with this pid.
+BUDGET_NAME = re.compile(r'^budget-([0-9]+)\.json\Z')
+#: Temporary files of :meth:`StateDir.write_json` (a writer killed before its rename);
+#: the writer's pid is group 2 (a copy's file) or group 3 (a budget's).
+TEMP_NAME = re.compile(r'^\.(copy-([0-9]+)-[0-9a-f]{8}\.(?:json|pipe\.json|rate)'
+                       r'|budget-([0-9]+)\.json)\.[0-9a-f]{16}\.tmp\Z')
 LOCK_NAME = '.relimit.lock'
 MAX_BYTES = 64 * 1024  # an entry is < 2 KiB; paths are at most 4 KiB each
 
@@ -130,7 +133,7 @@ class StateDir:
             return []
 
     def _checked_name(self, name: str) -> str:
-        if not (STATE_NAME.match(name) or name == LOCK_NAME):
+        if not (STATE_NAME.match(name) or name == LOCK_NAME or BUDGET_NAME.match(name)):
             raise ForeignFile(self.path, name, 'not a state file name')
         return name
 

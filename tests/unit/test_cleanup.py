@@ -95,3 +95,15 @@ def test_an_entry_naming_a_foreign_cgroup_is_not_followed(tmp_path, dead_pid):
         actions = cleanup.clean(registry, None)
         assert [(a.action, a.kind) for a in actions] == [('kept', 'registry')]
         assert victim.is_dir() and registry.load(victim.name) is not None
+
+
+def test_budget_state_of_a_dead_process_is_removed(tmp_path, dead_pid):
+    registry = Registry(str(tmp_path / 'state'))
+    registry.files.makedirs()
+    for pid in (os.getpid(), dead_pid):
+        registry.files.write_json('budget-%d.json' % pid, {'pid': pid})
+    assert registry.scan() == ([], [])  # a name of ours, not an entry and not foreign
+    actions = cleanup.clean(registry, None)
+    assert [(a.kind, os.path.basename(a.target), a.action) for a in actions] == [
+        ('budget', 'budget-%d.json' % dead_pid, 'removed')]
+    assert registry.files.names() == ['budget-%d.json' % os.getpid()]
