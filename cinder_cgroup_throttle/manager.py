@@ -201,9 +201,8 @@ class CopyManager:
     def _leaf(self, copy: ActiveCopy) -> Iterator[None]:
         driver = self.driver
         assert driver is not None
-        driver.create_leaf(copy.id)
+        driver.create_leaf(copy.id, copy.limits)
         try:
-            driver.write_limits(copy.id, copy.limits)
             copy.prefix = driver.prefix(copy.id)
             yield
         finally:

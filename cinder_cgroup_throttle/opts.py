@@ -155,4 +155,6 @@ def register_opts(conf: cfg.ConfigOpts, backend_group: Optional[str] = None) -> 
 
 def list_opts() -> List[Tuple[str, Sequence[cfg.Opt]]]:
     """Entry point for oslo-config-generator (namespace ``cinder_cgroup_throttle``)."""
-    return [(SHARED_GROUP, ALL_OPTS), (BUDGET_GROUP, budget_opts)]
+    from cinder_cgroup_throttle import privsep  # here: it imports eventlet
+    return [(SHARED_GROUP, ALL_OPTS), (BUDGET_GROUP, budget_opts),
+            (privsep.SECTION, privsep.list_opts())]

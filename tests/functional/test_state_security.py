@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import time
 
@@ -275,38 +276,76 @@ def rootwrap(deployment, *cmd):
     return proc
 
 
-def test_trailing_newline_is_denied_by_the_filters(cgroup_parent, deployment):
-    leaf = 'copy-%d-0000ab0d' % os.getpid()
-    for argv in (['create-leaf', 'blkio', cgroup_parent, leaf + '\n'],
-                 ['create-leaf', 'io', cgroup_parent + '\n', leaf],
-                 ['remove-leaf', 'blkio', cgroup_parent, leaf, '1\n']):
-        proc = rootwrap(deployment, 'cinder-cgroup-throttle-priv', *argv)
-        assert proc.returncode == 99 and 'Unauthorized' in proc.stderr, (argv, proc.stderr)
+# The cgroup steps: calls into this package's privsep daemon, started by the user through
+# sudo + cinder-rootwrap (which admits any privsep-helper command line: the daemon's own
+# checks are the boundary).
+PRIVSEP_CALLS = textwrap.dedent('''
+    import json, site, sys
+    site.addsitedir(sys.argv[3])  # this environment's packages only (python -S)
+    from oslo_privsep import priv_context
+    priv_context.init(root_helper=['sudo', '-n', 'cinder-rootwrap', sys.argv[1]])
+    from cinder_cgroup_throttle import privsep
+    out = []
+    for name, args in json.loads(sys.argv[2]):
+        try:
+            out.append(['ok', getattr(privsep, name)(*args)])
+        except Exception as exc:
+            out.append([type(exc).__name__, str(exc)])
+    print(json.dumps(out))
+''')
 
 
-def test_privileged_helper_names_bad_numbers(cgroup_parent, deployment, scratch):
+def privsep_calls(deployment, calls):
+    """Make ``calls`` ((entrypoint, args) pairs) as the user; [(error class or 'ok', text)]."""
+    env = {'PATH': '%s:/usr/sbin:/usr/bin:/sbin:/bin' % BIN, 'PYTHONDONTWRITEBYTECODE': '1',
+           'PYTHONPATH': os.path.dirname(os.path.dirname(os.path.dirname(
+               os.path.abspath(__file__))))}
+    argv = ['runuser', '-u', deployment.user, '--', 'env', '-i']
+    argv += ['%s=%s' % kv for kv in env.items()]
+    argv += [user_python(deployment.user), '-S', '-c', PRIVSEP_CALLS, deployment.conf,
+             json.dumps(calls), sysconfig.get_paths()['purelib']]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd='/')
+    assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_privsep_daemon_refuses_trailing_newlines_and_bad_numbers(cgroup_parent, deployment,
+                                                                  scratch):
     from cinder_cgroup_throttle.cgroups import get_driver
     driver = get_driver(cgroup_parent)
+    ctl = driver.controller
     leaf = 'copy-%d-0000b16b' % os.getpid()
-    priv = ['cinder-cgroup-throttle-priv']
-    proc = rootwrap(deployment, *priv, 'create-leaf', driver.controller, cgroup_parent, leaf)
-    assert proc.returncode == 0, proc.stderr
     scratch.defer('remove ' + leaf, lambda: os.path.isdir(driver.leaf_path(leaf))
                   and os.rmdir(driver.leaf_path(leaf)))
     rdev = os.stat(scratch.loop(8)).st_rdev
     disk = '%d:%d' % (os.major(rdev), os.minor(rdev))
     huge = str(2**64 + 1000)
-    for args, named in (
-            (['99999999999999999999:1', '1', '0', '0', '0'], 'device must be MAJ:MIN'),
-            (['7:99999999999', '1', '0', '0', '0'], 'device must be MAJ:MIN'),
-            ([disk, '0', huge, '0', '0'], 'wbps must be an integer from 0 to'),
-            ([disk, huge, '0', '0', '0'], 'rbps must be an integer from 0 to')):
-        proc = rootwrap(deployment, *priv, 'set-limit', driver.controller, cgroup_parent,
-                        leaf, *args)
-        assert proc.returncode == 1 and named in proc.stderr, (args, proc.stderr)
-    proc = rootwrap(deployment, *priv, 'remove-leaf', driver.controller, cgroup_parent,
-                    leaf, '0')
-    assert proc.returncode == 0 and not os.path.exists(driver.leaf_path(leaf))
+    refused = [
+        (['create_leaf', [ctl, cgroup_parent, leaf + '\n', []]], 'not a copy id'),
+        (['create_leaf', [ctl, cgroup_parent + '\n', leaf, []]], 'invalid cgroup name'),
+        (['create_leaf', [ctl + '\n', cgroup_parent, leaf, []]], 'this host throttles'),
+        (['create_leaf', [ctl, cgroup_parent, leaf, [[disk, '1\n', '0', '0', '0']]]],
+         'rbps must be an integer from 0 to'),
+        (['write_limits', [ctl, cgroup_parent, leaf,
+                           [['99999999999999999999:1', '1', '0', '0', '0']], []]],
+         'device must be MAJ:MIN'),
+        (['write_limits', [ctl, cgroup_parent, leaf, [['7:99999999999', '1', '0', '0', '0']],
+                           []]], 'device must be MAJ:MIN'),
+        (['write_limits', [ctl, cgroup_parent, leaf, [[disk, '0', huge, '0', '0']], []]],
+         'wbps must be an integer from 0 to'),
+        (['write_limits', [ctl, cgroup_parent, leaf, [[disk, huge, '0', '0', '0']], []]],
+         'rbps must be an integer from 0 to'),
+        (['try_remove_leaf', [ctl, cgroup_parent, leaf, 'yes']], 'kill must be'),
+    ]
+    calls = ([['create_leaf', [ctl, cgroup_parent, leaf, []]]] + [c for c, _ in refused]
+             + [['try_remove_leaf', [ctl, cgroup_parent, leaf, False]]])
+    out = privsep_calls(deployment, calls)
+    assert out[0][0] == 'ok', out[0]
+    for (call, named), (kind, text) in zip(refused, out[1:-1]):
+        assert kind == 'ThrottleError' and named in text, (call, kind, text)
+    assert out[-1] == ['ok', [True, []]], out[-1]
+    assert not os.path.exists(driver.leaf_path(leaf))
+    assert not os.path.exists(driver.leaf_path(leaf) + '\n')
 
 
 def test_pipe_wrapper_refuses_huge_rate_and_linked_state_dir(deployment, victim):
