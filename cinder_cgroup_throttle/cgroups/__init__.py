@@ -27,6 +27,7 @@ class CgroupHost:
     v1_blkio_readonly: bool = False
     v2_root: Optional[str] = None  # mountpoint of the cgroup2 hierarchy
     v2_readonly: bool = False
+    v2_mount_root: str = '/'  # the cgroup the mount shows as its root (mountinfo field 4)
     v2_controllers: List[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -49,6 +50,7 @@ def detect(mountinfo: str = MOUNTINFO) -> CgroupHost:
                     host.v1_blkio, host.v1_blkio_readonly = fields[4], readonly
             elif fstype == 'cgroup2' and host.v2_root is None:
                 host.v2_root, host.v2_readonly = fields[4], readonly
+                host.v2_mount_root = fields[3]
     if host.v2_root:
         try:
             with open(os.path.join(host.v2_root, 'cgroup.controllers')) as f:
