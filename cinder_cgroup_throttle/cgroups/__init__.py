@@ -48,7 +48,9 @@ def detect(mountinfo: str = MOUNTINFO) -> CgroupHost:
                 has_v1 = True
                 if 'blkio' in super_opts and host.v1_blkio is None:
                     host.v1_blkio, host.v1_blkio_readonly = fields[4], readonly
-            elif fstype == 'cgroup2' and host.v2_root is None:
+            elif fstype == 'cgroup2' and host.v2_root in (None, fields[4]):
+                # A later mount on the same point covers the earlier one (a container's
+                # own cgroup2 mounted over the host's).
                 host.v2_root, host.v2_readonly = fields[4], readonly
                 host.v2_mount_root = fields[3]
     if host.v2_root:

@@ -17,8 +17,8 @@ The cases (:attr:`Placement.case`), as ``cinder-cgroup-throttle check`` reports 
 * ``v2-delegated``: a systemd unit with ``Delegate=``: ``<unit>/<name>``;
 * ``v2-cgroupns``: the root of a private cgroup namespace (a container): ``/<name>`` in
   the namespace, after the processes moved to ``/main``;
-* ``v2-not-delegated``: v2 without either (no systemd, or a unit that is not delegated): ``<name>``
-  at the top of the hierarchy, as before;
+* ``v2-not-delegated``: v2 without either (no systemd, or a unit that is not delegated):
+  ``<name>`` at the top of the hierarchy, as before;
 * ``read-only``: cgroupfs mounted read-only (an unprivileged container): no cgroup backend,
   copies use the pv fallback;
 * ``none``: no usable cgroup hierarchy.
@@ -89,8 +89,8 @@ def resolve(name: str, host: Optional[CgroupHost] = None,
     if host.v2_readonly:
         return Placement('read-only', name, 'cgroup2 at %s is mounted read-only (an '
                          'unprivileged container?)' % host.v2_root)
-    top = Placement('v2-not-delegated', name, 'cgroup v2, not in a delegated systemd unit nor in a '
-                    'private cgroup namespace: leaves under /%s' % name, host.v2_root)
+    top = Placement('v2-not-delegated', name, 'cgroup v2, not in a delegated systemd unit '
+                    'nor in a private cgroup namespace: leaves under /%s' % name, host.v2_root)
     own = own_cgroup() if cgroup is None else cgroup
     root = host.v2_mount_root.rstrip('/')
     if own is None or not (own + '/').startswith(root + '/'):

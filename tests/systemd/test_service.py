@@ -80,10 +80,9 @@ def busy_leaves() -> list:
 
 
 def wbytes(leaf: str, dev: str) -> int:
-    for line in read(os.path.join(COPIES_CG, leaf, 'io.stat')).splitlines():
-        if line.startswith(dev + ' '):
-            return int(re.search(r'wbytes=(\d+)', line).group(1))
-    return 0
+    match = re.search(r'^%s .*\bwbytes=(\d+)' % dev,
+                      read(os.path.join(COPIES_CG, leaf, 'io.stat')), re.M)
+    return int(match.group(1)) if match else 0  # no line before the first I/O
 
 
 def write_rates(leaves_devs, window: float = 3.0) -> list:
@@ -201,6 +200,7 @@ def start(scratch: Scratch) -> Service:
     os.makedirs(SPOOL, mode=0o755)
     scratch.defer('rm ' + SPOOL, lambda: shutil.rmtree(SPOOL))
     svc = Service(scratch)
+    os.chown(SPOOL, pw.pw_uid, pw.pw_gid)
     for d in (svc.state, svc.jobs, svc.results):
         os.mkdir(d)
         os.chown(d, pw.pw_uid, pw.pw_gid)
@@ -319,13 +319,13 @@ def test_three_copies_share_the_host_cap_and_relimit(service):
     for leaf in leaves:
         assert 'wbps=%d' % (HOST_CAP // 3) in read(os.path.join(COPIES_CG, leaf, 'io.max'))
     rates = write_rates(sorted(devs.items()))
-    print('3 copies under a %d MiB/s cap: total/cap %.3f' % (HOST_CAP // MiB,
-                                                            sum(rates) / HOST_CAP))
+    print('3 copies under a %d MiB/s cap: total/cap %.3f'
+          % (HOST_CAP // MiB, sum(rates) / HOST_CAP))
     assert 0.9 * HOST_CAP <= sum(rates) <= 1.03 * HOST_CAP, rates
 
     slow = sorted(devs)[0]
     out = cli('set-limit', slow, str(2 * MiB))
-    assert '2' in out, out
+    assert 'limit now 2' in out, out
     assert 'wbps=%d' % (2 * MiB) in read(os.path.join(COPIES_CG, slow, 'io.max'))
     others = [leaf for leaf in sorted(devs) if leaf != slow]
     for leaf in others:  # the cap's remainder goes to the others

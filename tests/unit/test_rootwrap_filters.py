@@ -87,6 +87,12 @@ def verdict(filter_list, argv):
     PIPE + DD,
     PIPE + ['ionice', '-c3'] + DD[:-1] + ['conv=fdatasync'],
     PIPE + ['qemu-img', 'convert', '-O', 'raw', '/var/lib/cinder/conversion/img', '/dev/x'],
+    # inside a delegated cinder-volume unit (cgroups.placement)
+    ['cgexec', '-g', 'io:system.slice/cinder-volume.service/%s/%s' % (P, LEAF)] + DD,
+    ['cgexec', '-g', 'io:system.slice/openstack-cinder-volume.service/%s/%s' % (P, LEAF)]
+    + ['ionice', '-c3'] + DD,
+    ['cinder-cgroup-throttle-priv', 'create-leaf', 'io',
+     'system.slice/cinder-volume.service/' + P, LEAF],
 ], ids=lambda a: ' '.join(a[:1] + a[3:5]))
 def test_generated_shapes_are_admitted_by_our_filters(filters, argv):
     assert (verdict(filters, argv) or '').startswith('cct_'), argv
@@ -105,6 +111,9 @@ HOSTILE = {
     'root cgroup': _cg('blkio:/') + DD,
     'root cgroup, empty path': _cg('blkio:') + DD,
     'the parent itself': _cg('blkio:%s' % P) + DD,
+    'another unit': _cg('io:system.slice/ssh.service/%s/%s' % (P, LEAF)) + DD,
+    'the unit itself': _cg('io:system.slice/cinder-volume.service/%s' % LEAF) + DD,
+    'the service\'s own leaf': _cg('io:system.slice/cinder-volume.service/main') + DD,
     'leaf not a copy id': _cg('blkio:%s/system' % P) + DD,
     '.. to escape the parent': _cg('blkio:%s/../%s' % (P, LEAF)) + DD,
     '.. after the leaf': _cg('blkio:%s/%s/..' % (P, LEAF)) + DD,
