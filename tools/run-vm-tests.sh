@@ -22,7 +22,8 @@ shift
 case $PYTHON in /*) ;; *) PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON") ;; esac
 [ -x "$PYTHON" ] || { echo "tools/run-vm-tests.sh: $PYTHON is not an executable" >&2; exit 2; }
 DEFAULT=(-m 'kernel or vm' tests/kernel/test_cgroup_copy.py tests/kernel/test_lifecycle.py
-         tests/kernel/test_devices.py tests/kernel/test_vm_lane.py)
+         tests/kernel/test_devices.py tests/kernel/test_vm_lane.py
+         tests/kernel/test_containers.py)
 SYSTEMD=(-m systemd tests/systemd)
 PLAIN=1
 if [ "${1:-}" = --systemd ]; then

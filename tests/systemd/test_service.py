@@ -36,8 +36,10 @@ UNIT_CG = '/sys/fs/cgroup/system.slice/' + UNIT
 COPIES_CG = UNIT_CG + '/cinder-volume-copy'
 DROPIN = 'etc/systemd/system/cinder-volume.service.d/cinder-cgroup-throttle.conf'
 USER = 'cinder'
-RATE = 8 * MiB
-HOST_CAP = 12 * MiB
+# Low enough that one emulated vCPU keeps up under a loaded host (at 8 MiB/s dd's clock
+# showed 0.94 of the limit with the host's two cores shared by four VMs).
+RATE = 4 * MiB
+HOST_CAP = 6 * MiB
 SPOOL = '/var/lib/cct-standin'
 
 
@@ -261,7 +263,7 @@ def test_service_moved_into_its_own_leaf(service):
 
 
 def test_single_copy_at_the_limit(service):
-    size_mb = 32
+    size_mb = 24
     (src, digest, dst), = service.loops(size_mb)
     name = service.submit('copy', src, dst, size_mb)
     leaf, = wait_for(busy_leaves, 'the copy to start')
@@ -280,12 +282,12 @@ def test_single_copy_at_the_limit(service):
 
 
 def test_limit_holds_after_daemon_reload(service):
-    size_mb = 48
+    size_mb = 32
     (src, digest, dst), = service.loops(size_mb)
     name = service.submit('copy', src, dst, size_mb)
     leaf, = wait_for(busy_leaves, 'the copy to start')
     dev = majmin(dst)
-    wait_for(lambda: wbytes(leaf, dev) >= 8 * MiB, '8 MiB written')
+    wait_for(lambda: wbytes(leaf, dev) >= 6 * MiB, '6 MiB written')
     sh('systemctl', 'daemon-reload')
     assert 'wbps=%d' % RATE in read(os.path.join(COPIES_CG, leaf, 'io.max'))
     rate, = write_rates([(leaf, dev)], window=3.0)
@@ -300,7 +302,7 @@ def test_limit_holds_after_daemon_reload(service):
 
 
 def test_three_copies_share_the_host_cap_and_relimit(service):
-    size_mb = 96
+    size_mb = 48
     (s1, d1, t1), (s2, d2, t2), (s3, d3, t3) = service.loops(size_mb, 3)
     work = service.scratch.tmpfs(size_mb + 8)
     os.chmod(os.path.dirname(work), 0o711)  # cinder reads the image (qemu-img is root)
@@ -324,19 +326,19 @@ def test_three_copies_share_the_host_cap_and_relimit(service):
     assert 0.9 * HOST_CAP <= sum(rates) <= 1.03 * HOST_CAP, rates
 
     slow = sorted(devs)[0]
-    out = cli('set-limit', slow, str(2 * MiB))
-    assert 'limit now 2' in out, out
-    assert 'wbps=%d' % (2 * MiB) in read(os.path.join(COPIES_CG, slow, 'io.max'))
+    low, rest = MiB, (HOST_CAP - MiB) // 2  # the cap's remainder goes to the others
+    out = cli('set-limit', slow, str(low))
+    assert 'limit now 1.00 MiB/s' in out, out
+    assert 'wbps=%d' % low in read(os.path.join(COPIES_CG, slow, 'io.max'))
     others = [leaf for leaf in sorted(devs) if leaf != slow]
-    for leaf in others:  # the cap's remainder goes to the others
-        assert 'wbps=%d' % (5 * MiB) in read(os.path.join(COPIES_CG, leaf, 'io.max'))
+    for leaf in others:
+        assert 'wbps=%d' % rest in read(os.path.join(COPIES_CG, leaf, 'io.max'))
     rates = write_rates([(slow, devs[slow])] + [(leaf, devs[leaf]) for leaf in others])
-    print('after set-limit 2 MiB/s: %s' % ['%.3f' % r for r in
-                                           (rates[0] / (2 * MiB), rates[1] / (5 * MiB),
-                                            rates[2] / (5 * MiB))])
-    assert 0.9 * 2 * MiB <= rates[0] <= 1.03 * 2 * MiB, rates
+    print('after set-limit 1 MiB/s: rate/limit %s'
+          % ['%.3f' % (r / lim) for r, lim in zip(rates, (low, rest, rest))])
+    assert 0.9 * low <= rates[0] <= 1.03 * low, rates
     for rate in rates[1:]:
-        assert rate <= 1.03 * 5 * MiB, rates
+        assert rate <= 1.03 * rest, rates
     for name in names:
         result = service.result(name, timeout=600)
         assert result['ok'], result
@@ -346,7 +348,7 @@ def test_three_copies_share_the_host_cap_and_relimit(service):
 
 
 def test_restart_mid_copy_cleans_up(service):
-    size_mb = 48
+    size_mb = 32
     (src, digest, dst), = service.loops(size_mb)
     name = service.submit('copy', src, dst, size_mb)
     leaf, = wait_for(busy_leaves, 'the copy to start')
@@ -369,7 +371,7 @@ def test_restart_mid_copy_cleans_up(service):
 
 
 def test_stop_mid_copy_leaves_nothing(service):
-    size_mb = 48
+    size_mb = 32
     (src, digest, dst), = service.loops(size_mb)
     work = service.scratch.tmpfs(2 * size_mb + 8)  # file to file: the pv fallback
     fsrc, fdst = os.path.join(work, 'src.img'), os.path.join(work, 'dst.img')
