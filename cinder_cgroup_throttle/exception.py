@@ -27,3 +27,11 @@ class InvalidRate(ThrottleError, ValueError):
 
 class CopyNotFound(ThrottleError, LookupError):
     """No active copy has the given id."""
+
+
+class PrivilegedHelperError(CgroupOperationError):
+    """The root side of a non-root service (the privsep daemon) failed to start or died."""
+
+
+class PrivilegedTimeout(PrivilegedHelperError):
+    """A call into root did not finish within its deadline."""

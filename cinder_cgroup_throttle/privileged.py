@@ -1,19 +1,29 @@
-"""The privileged cgroup steps, for a cinder-volume that does not run as root.
+"""The privileged cgroup steps of a cinder-volume that does not run as root.
 
 cgroupfs is world-readable, but only root may create a cgroup, write its limits or remove
-it. Operators run cinder-volume as an unprivileged user and let it do root work through
-``sudo cinder-rootwrap /etc/cinder/rootwrap.conf CMD...``, which admits only commands that
-match a filter. So when not root, CopyManager wraps its cgroup driver in
-:class:`PrivilegedDriver`: reads stay direct, and the three writing steps run as
+it. As os-brick and Cinder do, those steps run in an oslo.privsep daemon: the context
+``privsep.default`` (module ``privsep``), started once per process with
 
-    cinder-cgroup-throttle-priv create-leaf CONTROLLER PARENT LEAF
-    cinder-cgroup-throttle-priv set-limit   CONTROLLER PARENT LEAF MAJ:MIN RBPS WBPS RIOPS WIOPS
-    cinder-cgroup-throttle-priv remove-leaf CONTROLLER PARENT LEAF GRACE
+    sudo cinder-rootwrap /etc/cinder/rootwrap.conf privsep-helper [--config-file F]...
+        --privsep_context cinder_cgroup_throttle.privsep.default --privsep_sock_path S
 
-through the root helper. The rootwrap filters (etc/rootwrap.d) pin the parent and the leaf
-name pattern; :func:`main` validates every argument again and then runs the very driver
-code a root cinder-volume runs, so both paths behave alike (one write per limit, rmdir and
-never cgdelete, leftover processes killed only from inside the leaf).
+(the root helper Cinder passes to ``priv_context.init``; ``sudo cinder-rootwrap
+/etc/cinder/rootwrap.conf`` when nothing did). The daemon keeps uid 0 and one capability,
+**CAP_DAC_OVERRIDE** [measured]: cgroupfs files and cgroups below the root belong to root
+and its mode bits allow their owner every write, mkdir and rmdir, but the hierarchy's root
+directory is mode 0555, so creating the parent cgroup there needs it (as does a subtree
+delegated to another owner). Leftover processes in a leaf are root's own (dd and qemu-img
+run through sudo), so killing them needs no CAP_KILL; nothing needs CAP_SYS_ADMIN.
+
+When not root, CopyManager wraps its cgroup driver in :class:`PrivilegedDriver`: reads stay
+direct; create-leaf, write-limits and one removal attempt per call go to the daemon, which
+validates every argument again and runs the very driver code a root cinder-volume runs (one
+write per limit, rmdir and never cgdelete, leftover processes killed only from inside the
+leaf). The daemon keeps its drivers for the life of the service, so the parent cgroup is
+removed with its last leaf exactly when the daemon created it. Waiting for a busy leaf
+happens on the caller's side (green under eventlet); each call into root has a deadline
+(``privsep.CALL_TIMEOUT``, ``privsep.START_TIMEOUT``) and fails with PrivilegedTimeout or
+PrivilegedHelperError, never by hanging.
 """
 from __future__ import annotations
 
@@ -21,19 +31,18 @@ import os
 import re
 import shlex
 import sys
-from typing import Iterable, List, Optional, Sequence
-
-from oslo_concurrency import processutils
+from types import ModuleType
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 from cinder_cgroup_throttle import devices
 from cinder_cgroup_throttle.cgroups import CgroupDriver, DeviceLimit, get_driver
 from cinder_cgroup_throttle.cgroups.base import validate_cgroup_path
-from cinder_cgroup_throttle.exception import CgroupOperationError, ThrottleError
+from cinder_cgroup_throttle.exception import ThrottleError
 from cinder_cgroup_throttle.statefiles import COPY_ID
 
-COMMAND = 'cinder-cgroup-throttle-priv'
 DEFAULT_ROOT_HELPER = ['sudo', 'cinder-rootwrap', '/etc/cinder/rootwrap.conf']
-MAX_GRACE = 600.0
+MAX_LIMITS = 16  # devices per write_limits call (a copy has at most two)
+_KEYS = ('rbps', 'wbps', 'riops', 'wiops')
 
 
 def default_root_helper() -> List[str]:
@@ -44,57 +53,58 @@ def default_root_helper() -> List[str]:
     return list(DEFAULT_ROOT_HELPER)
 
 
+def _privsep() -> ModuleType:
+    from cinder_cgroup_throttle import privsep  # noqa: F811  (lazy: see privsep's doc)
+    return privsep
+
+
 class PrivilegedDriver:
-    """A cgroup driver whose writing steps go through the root helper."""
+    """A cgroup driver whose writing steps run in the privsep daemon."""
 
-    def __init__(self, driver: CgroupDriver, root_helper: Sequence[str]) -> None:
+    def __init__(self, driver: CgroupDriver) -> None:
         self._driver = driver
-        self.root_helper = list(root_helper)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         # Reads (leaf_path, leaves, pids, io_bytes, prefix, controller, ...) need no root.
         return getattr(self._driver, name)
 
-    def _run(self, op: str, leaf: str, *args: str) -> str:
-        cmd = [COMMAND, op, self._driver.controller, self._driver.parent, leaf] + list(args)
-        try:
-            # The helper is prepended here, not via run_as_root: processutils drops it for
-            # euid 0, and a PrivilegedDriver always means "through the root helper".
-            out, _err = processutils.execute(*(self.root_helper + cmd))
-        except processutils.ProcessExecutionError as exc:
-            raise CgroupOperationError('%s failed (exit %s): %s' % (
-                shlex.join(self.root_helper + cmd), exc.exit_code,
-                (exc.stderr or exc.stdout or '').strip())) from exc
-        return out
+    @property
+    def root_helper(self) -> List[str]:
+        """How the daemon is started (for messages)."""
+        return _privsep().default.helper_command('SOCKET')[:-4]
+
+    def _args(self, leaf: str) -> Tuple[str, str, str]:
+        return self._driver.controller, self._driver.parent, leaf
 
     def create_leaf(self, leaf: str) -> str:
-        self._run('create-leaf', leaf)
-        return self._driver.leaf_path(leaf)
+        return _privsep().create_leaf(*self._args(leaf))
 
     def write_limits(self, leaf: str, limits: Iterable[DeviceLimit],
                      previous: Iterable[DeviceLimit] = ()) -> None:
-        new = {lim.device.majmin: lim for lim in limits}
-        for majmin, lim in new.items():
-            self._run('set-limit', leaf, majmin, str(lim.rbps), str(lim.wbps),
-                      str(lim.riops), str(lim.wiops))
-        for lim in previous:
-            if lim.device.majmin not in new:
-                self._run('set-limit', leaf, lim.device.majmin, '0', '0', '0', '0')
+        # Strings, as on a command line: the daemon validates them as such.
+        rows = [[[lim.device.majmin] + [str(getattr(lim, k)) for k in _KEYS]
+                 for lim in group] for group in (limits, previous)]
+        _privsep().write_limits(*self._args(leaf), *rows)
+
+    def try_remove_leaf(self, leaf: str, kill: bool = False) -> Tuple[bool, List[int]]:
+        gone, killed = _privsep().try_remove_leaf(*self._args(leaf), kill)
+        return bool(gone), [int(pid) for pid in killed]
 
     def remove_leaf(self, leaf: str, grace: float = 10.0) -> List[int]:
-        out = self._run('remove-leaf', leaf, '%g' % min(max(grace, 0.0), MAX_GRACE))
-        return [int(pid) for pid in out.split()]
+        return CgroupDriver.remove_leaf(self, leaf, grace)  # type: ignore[arg-type]
 
 
-def host_driver(parent: str, root_helper: Optional[Sequence[str]] = None) -> CgroupDriver:
-    """The host's driver for ``parent``; through the root helper when we are not root."""
+def host_driver(parent: str) -> CgroupDriver:
+    """The host's driver for ``parent``; through the privsep daemon when we are not root."""
     if os.geteuid() == 0:
         return get_driver(parent)
-    driver = get_driver(parent, check_writable=False)
-    return PrivilegedDriver(driver, root_helper or default_root_helper())  # type: ignore
+    return PrivilegedDriver(get_driver(parent, check_writable=False))  # type: ignore
 
 
-# -- the root side ----------------------------------------------------------------------
+# -- the root side: runs in the privsep daemon (privsep.py's entrypoints) ---------------
+_DRIVERS: Dict[str, CgroupDriver] = {}  # per parent, for the daemon's life (owns_parent)
+
+
 def _count(value: str, what: str) -> int:
     if not value.isdigit():
         raise ThrottleError('%s must be a non-negative integer, not %r' % (what, value))
@@ -112,50 +122,53 @@ def _device(majmin: str) -> devices.BlockDevice:
     return disk
 
 
-def run(argv: Sequence[str]) -> str:
-    """Validate and perform one operation as root; return what to print."""
-    nargs = {'create-leaf': 4, 'set-limit': 9, 'remove-leaf': 5}
-    if not argv or argv[0] not in nargs or len(argv) != nargs[argv[0]]:
-        raise ThrottleError('usage: %s create-leaf|set-limit|remove-leaf CONTROLLER '
-                            'PARENT LEAF [MAJ:MIN RBPS WBPS RIOPS WIOPS | GRACE]' % COMMAND)
-    op, controller, parent, leaf = argv[:4]
+def _strings(*values: Any) -> None:
+    if not all(isinstance(v, str) for v in values):
+        raise ThrottleError('arguments must be strings, not %r' % (values,))
+
+
+def _leaf_driver(controller: str, parent: str, leaf: str) -> CgroupDriver:
+    _strings(controller, parent, leaf)
     if not COPY_ID.match(leaf):
         raise ThrottleError('leaf %r is not a copy id (copy-<pid>-<8 hex digits>)' % leaf)
-    driver = get_driver(validate_cgroup_path(parent))
+    parent = validate_cgroup_path(parent)
+    driver = _DRIVERS.get(parent)
+    if driver is None:
+        driver = _DRIVERS.setdefault(parent, get_driver(parent))
     if controller != driver.controller:
         raise ThrottleError('this host throttles with %s, not %r'
                             % (driver.controller, controller))
-    if op == 'create-leaf':
-        return driver.create_leaf(leaf)
-    if op == 'set-limit':
-        if not os.path.isdir(driver.leaf_path(leaf)):
-            raise ThrottleError('no cgroup %s' % driver.leaf_path(leaf))
-        dev = _device(argv[4])
-        rbps, wbps, riops, wiops = (_count(v, k) for v, k in zip(
-            argv[5:], ('rbps', 'wbps', 'riops', 'wiops')))
-        # Every key is written, so the result never depends on what the leaf held.
-        driver.write_limits(leaf, [DeviceLimit(dev, rbps, wbps, riops, wiops)],
-                            previous=[DeviceLimit(dev, 1, 1, 1, 1)])
-        return ''
-    try:
-        grace = float(argv[4])
-    except ValueError:
-        raise ThrottleError('grace must be seconds, not %r' % argv[4]) from None
-    if not 0 <= grace <= MAX_GRACE:
-        raise ThrottleError('grace must be within 0..%g s, not %g' % (MAX_GRACE, grace))
-    return ' '.join(str(pid) for pid in driver.remove_leaf(leaf, grace))
+    return driver
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        out = run(sys.argv[1:] if argv is None else argv)
-    except ThrottleError as exc:
-        sys.stderr.write('%s: %s\n' % (COMMAND, exc))
-        return 1
-    if out:
-        print(out)
-    return 0
+def _limits(rows: Any) -> List[DeviceLimit]:
+    if not isinstance(rows, (list, tuple)) or len(rows) > MAX_LIMITS:
+        raise ThrottleError('limits must be a list of at most %d rows' % MAX_LIMITS)
+    out = []
+    for row in rows:
+        if not isinstance(row, (list, tuple)) or len(row) != 1 + len(_KEYS):
+            raise ThrottleError('a limit is [MAJ:MIN, RBPS, WBPS, RIOPS, WIOPS], not %r'
+                                % (row,))
+        _strings(*row)
+        out.append(DeviceLimit(_device(row[0]), *(
+            _count(value, key) for value, key in zip(row[1:], _KEYS))))
+    return out
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+def create_leaf(controller: str, parent: str, leaf: str) -> str:
+    return _leaf_driver(controller, parent, leaf).create_leaf(leaf)
+
+
+def write_limits(controller: str, parent: str, leaf: str, limits: Sequence[Sequence[str]],
+                 previous: Sequence[Sequence[str]]) -> None:
+    driver = _leaf_driver(controller, parent, leaf)
+    if not os.path.isdir(driver.leaf_path(leaf)):
+        raise ThrottleError('no cgroup %s' % driver.leaf_path(leaf))
+    driver.write_limits(leaf, _limits(limits), _limits(previous))
+
+
+def try_remove_leaf(controller: str, parent: str, leaf: str,
+                    kill: bool) -> Tuple[bool, List[int]]:
+    if not isinstance(kill, bool):
+        raise ThrottleError('kill must be true or false, not %r' % (kill,))
+    return _leaf_driver(controller, parent, leaf).try_remove_leaf(leaf, kill)

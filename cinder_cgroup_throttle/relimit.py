@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
+import time
 from typing import Dict, Iterator, List, Optional
+
+from oslo_concurrency import lockutils
 
 from cinder_cgroup_throttle import pipeline, privileged
 from cinder_cgroup_throttle.cleanup import entry_leaf
@@ -32,6 +36,7 @@ from cinder_cgroup_throttle.units import format_rate
 LOG = logging.getLogger(__name__)
 
 LOCK_FILE = '.relimit.lock'
+LOCK_POLL = (0.001, 0.05)  # first and longest pause between attempts on the lock file
 
 
 def policy_extra(requested_bps: int, host_bps_limit: int,
@@ -43,17 +48,35 @@ def policy_extra(requested_bps: int, host_bps_limit: int,
 
 @contextlib.contextmanager
 def locked(registry: Registry) -> Iterator[None]:
-    """Exclusive lock over re-balancing the copies of ``registry``."""
+    """Exclusive lock over re-balancing the copies of ``registry``, across processes.
+
+    Never blocks the OS thread, so it is safe in an eventlet-patched cinder-volume (where
+    a holder waits on a green subprocess or the privsep daemon): within the process an
+    oslo.concurrency fair lock (first come, first served; green under eventlet), across
+    processes a ``flock`` on the state directory's lock file taken with LOCK_NB and retried
+    after a (green) sleep. lockutils' own external lock is not used: it opens the file for
+    appending and follows a symbolic link, in a directory the service user can write,
+    where root (the CLI) must do neither; this file is opened read-only with O_NOFOLLOW,
+    so a lock file root created stays usable by a non-root cinder-volume.
+    """
     os.makedirs(registry.directory, mode=0o755, exist_ok=True)
-    # Read-only (flock needs no write access), so a lock file root created stays usable by
-    # a non-root cinder-volume; O_NOFOLLOW, so root never follows a link planted there.
-    fd = os.open(os.path.join(registry.directory, LOCK_FILE),
-                 os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    with lockutils.lock('cinder-cgroup-throttle-relimit:' + registry.directory, fair=True):
+        fd = os.open(os.path.join(registry.directory, LOCK_FILE),
+                     os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            delay = LOCK_POLL[0]
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise
+                time.sleep(delay)
+                delay = min(delay * 2, LOCK_POLL[1])
+            yield
+        finally:
+            os.close(fd)
 
 
 def apply(entry: Entry, bps: int, state_dir: str) -> None:
@@ -62,8 +85,8 @@ def apply(entry: Entry, bps: int, state_dir: str) -> None:
         found = entry_leaf(entry)
         assert found is not None
         driver, leaf = found
-        if os.geteuid() != 0:  # as the copy's owner does: through the root helper
-            driver = privileged.PrivilegedDriver(driver, privileged.default_root_helper())
+        if os.geteuid() != 0:  # as the copy's owner does: through the privsep daemon
+            driver = privileged.PrivilegedDriver(driver)  # type: ignore[assignment]
         src, dst = entry.devices()
         static = StaticLimits(**entry.extra.get('static', {}))
         driver.write_limits(leaf, device_limits(src, dst, bps, static),

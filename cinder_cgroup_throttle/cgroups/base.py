@@ -128,38 +128,50 @@ class CgroupDriver(abc.ABC):
         A process still in the leaf after ``grace`` seconds is an orphan of an aborted copy
         (for example dd left behind by a killed rootwrap): it is ours by construction, and
         leaving it would either keep the cgroup forever or let it run unthrottled, so it is
-        killed. ``rmdir`` is used rather than ``cgdelete``, which would silently move busy
-        tasks to the parent and drop their limit.
+        killed. The waiting happens here, between single attempts (``try_remove_leaf``), so
+        that through the privsep daemon no call into root blocks.
         """
-        path = self.leaf_path(leaf)
         deadline = time.monotonic() + grace
         killed: List[int] = []
         delay = 0.002
         while True:
-            try:
-                os.rmdir(path)
-                self._remove_own_parent()
+            now = time.monotonic()
+            if now >= deadline + 10 * max(grace, 1.0):
+                raise CgroupOperationError('cgroup %s still busy; processes %s did not exit'
+                                           % (self.leaf_path(leaf), self.pids(leaf)))
+            gone, pids = self.try_remove_leaf(leaf, kill=now >= deadline)
+            killed += [pid for pid in pids if pid not in killed]
+            if gone:
                 return killed
-            except FileNotFoundError:
-                return killed
-            except OSError as exc:
-                if exc.errno != errno.EBUSY:
-                    raise CgroupOperationError(
-                        'cannot remove cgroup %s: %s' % (path, exc)) from exc
-            if time.monotonic() >= deadline:
-                if time.monotonic() >= deadline + 10 * max(grace, 1.0):
-                    raise CgroupOperationError(
-                        'cgroup %s still busy; processes %s did not exit'
-                        % (path, self.pids(leaf)))
-                for pid in self.pids(leaf):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                        if pid not in killed:
-                            killed.append(pid)
-                    except ProcessLookupError:
-                        pass
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
+
+    def try_remove_leaf(self, leaf: str, kill: bool = False) -> Tuple[bool, List[int]]:
+        """One attempt: ``rmdir`` the leaf (and then the parent, if this driver created it
+        and it is empty); when the leaf is busy and ``kill`` is set, SIGKILL what is in it.
+
+        Returns (leaf gone, pids killed). ``rmdir`` is used rather than ``cgdelete``, which
+        would silently move busy tasks to the parent and drop their limit.
+        """
+        path = self.leaf_path(leaf)
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            return True, []
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise CgroupOperationError(
+                    'cannot remove cgroup %s: %s' % (path, exc)) from exc
+            killed: List[int] = []
+            for pid in self.pids(leaf) if kill else []:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+            return False, killed
+        self._remove_own_parent()
+        return True, []
 
     def _remove_own_parent(self) -> None:
         if self.owns_parent:

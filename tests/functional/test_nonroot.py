@@ -178,3 +178,196 @@ def test_copy_as_unprivileged_user_through_rootwrap(scratch, cgroup_parent, depl
         assert 0.8 <= ratio <= 1.15, '%s: achieved/limit %.3f' % (cmd[0], ratio)
     assert driver.leaves() == []
     assert os.listdir(state) == [] or all(n.startswith('.') for n in os.listdir(state))
+
+
+# cinder-volume as it really runs: eventlet-patched before anything else, privsep started
+# with Cinder's root helper, copies in greenthreads. Two copies and a re-limit under a
+# host-wide cap (so every start, re-limit and end re-balances the other copy through the
+# privsep daemon while holding the re-balance lock), and a ticker that must never starve.
+EVENTLET_SCRIPT = textwrap.dedent('''
+    import json, site, sys
+    site.addsitedir(sys.argv[4])  # this environment's packages only (python -S)
+    from cinder import monkey_patch
+    monkey_patch.patch()  # first, as cinder/cmd/volume.py does
+    import logging, shlex, time
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    import eventlet
+    from cinder import utils
+    from cinder.common import config  # noqa: F401  (registers rootwrap_config)
+    from oslo_config import cfg
+    from oslo_privsep import priv_context
+    cfg.CONF([], project='cinder', default_config_files=[])
+    cfg.CONF.set_override('rootwrap_config', sys.argv[1])
+    priv_context.init(root_helper=shlex.split(utils.get_root_helper()))  # as volume.py
+    from cinder.volume import throttling, volume_utils
+    from cinder_cgroup_throttle.manager import CopyManager
+    from cinder_cgroup_throttle.throttle import CgroupThrottle
+    plan = json.loads(sys.argv[2])
+    throttle = CgroupThrottle(plan['rate'], manager=CopyManager(
+        sys.argv[3], host_bps_limit=plan['cap']))
+    throttling.Throttle.set_default(throttle)
+    ticks, events, errs = [time.monotonic()], [], {}
+    done = False
+
+    def ticker():
+        while not done:
+            eventlet.sleep(0.1)
+            ticks.append(time.monotonic())
+
+    def copy(src, dst, mib):
+        def execute(*cmd, **kw):
+            out, err = utils.execute(*cmd, **kw)
+            if 'count=%d' % (mib * 1048576) in cmd:
+                errs[dst] = err
+            return out, err
+        volume_utils.copy_volume(src, dst, mib, '1M', execute=execute)
+        events.append(('end', dst, time.monotonic()))
+
+    def running(copy):  # its dd is in its cgroup (cgroupfs is world-readable)
+        with open(throttle.manager.driver.leaf_path(copy.id) + '/cgroup.procs') as f:
+            return bool(f.read().split())
+
+    def relimit(dst, rate, after):
+        while not (len(throttle.manager.active()) == 2
+                   and all(running(c) for c in throttle.manager.active())):
+            eventlet.sleep(0.02)
+        eventlet.sleep(after)
+        copy_id = [c.id for c in throttle.manager.active() if c.dst == dst][0]
+        throttle.set_limit(copy_id, rate)
+        events.append(('relimit', dst, time.monotonic()))
+
+    tick = eventlet.spawn(ticker)
+    workers = [eventlet.spawn(copy, *c) for c in plan['copies']]
+    workers.append(eventlet.spawn(relimit, *plan['relimit']))
+    for w in workers:
+        w.wait()
+    done = True
+    tick.wait()
+    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+    print(json.dumps({'max_gap': max(gaps), 'ticks': len(ticks), 'events': events,
+                      'dd': errs, 'driver': type(throttle.manager.driver).__name__}))
+''')
+
+
+def leaf_sample(path):
+    """(write limit per device, bytes written per device) of a leaf, v1 or v2; read here,
+    not through the code under test."""
+    limits, written = {}, {}
+    try:
+        if os.path.exists(os.path.join(path, 'io.max')):
+            with open(os.path.join(path, 'io.max')) as f:
+                for line in f:
+                    dev, *kv = line.split()
+                    limits[dev] = dict(p.split('=') for p in kv).get('wbps')
+            with open(os.path.join(path, 'io.stat')) as f:
+                for line in f:
+                    dev, *kv = line.split()
+                    written[dev] = int(dict(p.split('=') for p in kv).get('wbytes', 0))
+        else:
+            with open(os.path.join(path, 'blkio.throttle.write_bps_device')) as f:
+                limits = dict(line.split() for line in f)
+            with open(os.path.join(path, 'blkio.throttle.io_service_bytes')) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) == 3 and parts[1] == 'Write':
+                        written[parts[0]] = int(parts[2])
+    except FileNotFoundError:
+        return None
+    return {d: int(v) for d, v in limits.items() if v and v != 'max'}, written
+
+
+def stable_rates(samples, dev, min_span=1.0):
+    """From (time, limits, written) samples of one leaf: for every stretch with one write
+    limit on ``dev`` while dd was writing (from the first to the last sample that counted
+    more bytes, at least ``min_span`` s long),
+    (limit, bytes the cgroup counted / seconds)."""
+    runs, out = [], []
+    for t, limits, written in samples:
+        limit = limits.get(dev)
+        if runs and runs[-1][0] == limit:
+            runs[-1][1].append((t, written.get(dev, 0)))
+        else:
+            runs.append((limit, [(t, written.get(dev, 0))]))
+    for limit, points in runs:
+        moved = [b for a, b in zip(points, points[1:]) if b[1] > a[1]]
+        if not moved:
+            continue
+        # Only samples that just saw the counter move: it steps by dd's block size.
+        if limit and moved[-1][0] - moved[0][0] >= min_span:
+            (t0, b0), (t1, b1) = moved[0], moved[-1]
+            out.append((limit, (b1 - b0) / (t1 - t0)))
+    return out
+
+
+def test_eventlet_service_with_greenthread_copies_and_relimit(scratch, cgroup_parent,
+                                                              deployment):
+    """Cap 8 MiB/s, each copy asks 8 MiB/s: alone a copy gets 8, together 4 + 4; B
+    re-limited to 2 MiB/s gives A 6; when B ends A gets 8 again."""
+    user, conf, state = deployment
+    a_mib, b_mib = 48, 14
+    a_src, a_dst, b_src, b_dst = (scratch.loop(56) for _ in range(4))
+    a_digest, b_digest = fill_random(a_src, a_mib * MiB), fill_random(b_src, b_mib * MiB)
+    plan = {'rate': 8 * MiB, 'cap': 8 * MiB,
+            'copies': [[a_src, a_dst, a_mib], [b_src, b_dst, b_mib]],
+            'relimit': [b_dst, 2 * MiB, 2.0]}
+    env = {'PATH': ':'.join(EXEC_DIRS[1:]),  # the venv's bin is not on the user's PATH
+           'CINDER_CGROUP_THROTTLE_STATE_DIR': state, 'PYTHONDONTWRITEBYTECODE': '1',
+           'PYTHONPATH': os.path.dirname(os.path.dirname(os.path.dirname(
+               os.path.abspath(__file__))))}
+    argv = ['runuser', '-u', user, '--', 'env', '-i'] + ['%s=%s' % kv for kv in env.items()]
+    argv += [user_python(user), '-S', '-c', EVENTLET_SCRIPT, conf, json.dumps(plan),
+             cgroup_parent, sysconfig.get_paths()['purelib']]
+    driver = get_driver(cgroup_parent)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd='/')
+    samples = {}  # leaf -> [(time, limits, written)]
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        for leaf in driver.leaves():
+            sample = leaf_sample(driver.leaf_path(leaf))
+            if sample:
+                samples.setdefault(leaf, []).append((time.monotonic(),) + sample)
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.kill()
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    print("eventlet: max tick gap %.3f s over %d ticks; events %s" % (
+        result["max_gap"], result["ticks"], result["events"]))
+
+    assert result['driver'] == 'PrivilegedDriver'
+    assert result['max_gap'] <= 0.5, result
+    assert sha256_prefix(a_dst, a_mib * MiB) == a_digest
+    assert sha256_prefix(b_dst, b_mib * MiB) == b_digest
+    for dst, mib in ((a_dst, a_mib), (b_dst, b_mib)):
+        copied = re.search(r'^(\d+) bytes .* copied', result['dd'][dst], re.M)
+        assert copied and int(copied.group(1)) == mib * MiB, result['dd'][dst]
+    assert [e[0] for e in sorted(result['events'], key=lambda e: e[2])] == [
+        'relimit', 'end', 'end'], result['events']
+
+    def majmin(path):
+        rdev = os.stat(path).st_rdev
+        return '%d:%d' % (os.major(rdev), os.minor(rdev))
+    by_dev = {}
+    for leaf, leaf_samples in samples.items():
+        for dev in (majmin(a_dst), majmin(b_dst)):
+            if any(dev in s[1] for s in leaf_samples):
+                by_dev[dev] = leaf_samples
+    assert set(by_dev) == {majmin(a_dst), majmin(b_dst)}, samples.keys()
+    sequence = {}
+    for dev, leaf_samples in by_dev.items():
+        seen = [s[1].get(dev) for s in leaf_samples if s[1].get(dev)]
+        sequence[dev] = [v for i, v in enumerate(seen) if i == 0 or seen[i - 1] != v]
+    # The limits each copy had, in order (A may have started alone at the whole cap).
+    a_seq = sequence[majmin(a_dst)]
+    assert a_seq[-3:] == [4 * MiB, 6 * MiB, 8 * MiB] and a_seq[0] in (4 * MiB, 8 * MiB), \
+        sequence
+    assert sequence[majmin(b_dst)][-2:] == [4 * MiB, 2 * MiB], sequence
+    rates = {dev: stable_rates(by_dev[dev], dev) for dev in by_dev}
+    print('eventlet: (limit, achieved by cgroup counters) %s' % rates)
+    checked = [(limit, rate) for runs in rates.values() for limit, rate in runs]
+    assert len(checked) >= 4, rates
+    for limit, rate in checked:
+        assert 0.9 <= rate / limit <= 1.1, rates
+    assert driver.leaves() == []

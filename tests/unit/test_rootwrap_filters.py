@@ -9,6 +9,7 @@ and the commands are recorded as they went through.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -23,8 +24,10 @@ from cinder_cgroup_throttle.registry import Registry  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OURS = os.path.join(ROOT, 'etc', 'rootwrap.d', 'cinder-cgroup-throttle.filters')
 BIN = os.path.dirname(sys.executable)
-EXEC_DIRS = [BIN, '/usr/local/sbin', '/usr/local/bin', '/usr/sbin', '/usr/bin', '/sbin',
-             '/bin']
+SYSTEM_DIRS = ['/usr/local/sbin', '/usr/local/bin', '/usr/sbin', '/usr/bin', '/sbin', '/bin']
+EXEC_DIRS = [BIN] + SYSTEM_DIRS  # a venv: its bin must be listed (it need not be on PATH)
+# Console scripts this package's commands name (rootwrap finds them through exec_dirs).
+SCRIPTS = ('cinder-cgroup-throttle-pipe', 'privsep-helper')
 CINDER_LEAVES = ('dd', 'qemu-img', 'qemu-img_convert', 'ionice_1', 'ionice_2')
 LEAF = 'copy-4242-0123abcd'
 P = DEFAULT_CGROUP
@@ -33,6 +36,9 @@ PIPE = ['cinder-cgroup-throttle-pipe', '--id', LEAF, '--rate', '8388608', '--sta
 CGEXEC = ['cgexec', '-g', 'blkio:%s/%s' % (P, LEAF)]
 DD = ['dd', 'if=/dev/loop1', 'of=/dev/loop2', 'count=25165824', 'bs=1M',
       'iflag=count_bytes,direct', 'oflag=direct']
+PRIVSEP = ['privsep-helper', '--privsep_context', 'cinder_cgroup_throttle.privsep.default',
+           '--privsep_sock_path', '/tmp/tmpa1b2_c3d/privsep.sock']
+CONF = ['--config-file', '/etc/cinder/cinder.conf']
 
 
 def cinder_volume_filters() -> str:
@@ -69,12 +75,29 @@ def filters(tmp_path_factory):
     return wrapper.load_filters([write_filters(str(tmp_path_factory.mktemp('filters')))])
 
 
-def verdict(filter_list, argv):
+def verdict(filter_list, argv, exec_dirs=EXEC_DIRS):
     """The name of the filter that admits argv, or None (rootwrap denies it)."""
     try:
-        return wrapper.match_filter(filter_list, list(argv), exec_dirs=EXEC_DIRS).name
+        return wrapper.match_filter(filter_list, list(argv), exec_dirs=exec_dirs).name
     except wrapper.NoFilterMatched:
         return None
+
+
+def system_layout(directory: str) -> list:
+    """exec_dirs of a system install: our console scripts in <directory>/usr/local/bin (a
+    root-owned copy of what pip wrote), the venv's bin nowhere."""
+    bindir = os.path.join(directory, 'usr', 'local', 'bin')
+    os.makedirs(bindir, exist_ok=True)
+    for name in SCRIPTS:
+        shutil.copy2(os.path.join(BIN, name), os.path.join(bindir, name))
+    return [bindir] + SYSTEM_DIRS
+
+
+@pytest.fixture(scope='module', params=['venv', 'system'])
+def exec_dirs(request, tmp_path_factory):
+    if request.param == 'venv':
+        return EXEC_DIRS
+    return system_layout(str(tmp_path_factory.mktemp('system')))
 
 
 # -- what we generate is admitted (shapes of Cinder's argv; the real runs are below) -------
@@ -87,15 +110,16 @@ def verdict(filter_list, argv):
     PIPE + DD,
     PIPE + ['ionice', '-c3'] + DD[:-1] + ['conv=fdatasync'],
     PIPE + ['qemu-img', 'convert', '-O', 'raw', '/var/lib/cinder/conversion/img', '/dev/x'],
+    PRIVSEP,
+    PRIVSEP[:1] + CONF + PRIVSEP[1:],
+    PRIVSEP[:1] + CONF + ['--config-file', '/etc/cinder/cinder-volume.conf'] + PRIVSEP[1:],
     # inside a delegated cinder-volume unit (cgroups.placement)
     ['cgexec', '-g', 'io:system.slice/cinder-volume.service/%s/%s' % (P, LEAF)] + DD,
     ['cgexec', '-g', 'io:system.slice/openstack-cinder-volume.service/%s/%s' % (P, LEAF)]
     + ['ionice', '-c3'] + DD,
-    ['cinder-cgroup-throttle-priv', 'create-leaf', 'io',
-     'system.slice/cinder-volume.service/' + P, LEAF],
 ], ids=lambda a: ' '.join(a[:1] + a[3:5]))
-def test_generated_shapes_are_admitted_by_our_filters(filters, argv):
-    assert (verdict(filters, argv) or '').startswith('cct_'), argv
+def test_generated_shapes_are_admitted_by_our_filters(filters, argv, exec_dirs):
+    assert (verdict(filters, argv, exec_dirs) or '').startswith('cct_'), argv
 
 
 # -- hostile commands are denied --------------------------------------------------------
@@ -151,25 +175,38 @@ HOSTILE = {
         'cgset', '-r', 'blkio.throttle.read_bps_device=7:0 1', 'system'],
     'cgcreate other cgroup': ['cgcreate', '-g', 'blkio:/other'],
     'cgdelete parent': ['cgdelete', '-g', 'blkio:%s' % P],
-    'priv other parent': ['cinder-cgroup-throttle-priv', 'create-leaf', 'blkio', 'other',
-                          LEAF],
-    'priv other controller': ['cinder-cgroup-throttle-priv', 'create-leaf', 'cpu', P, LEAF],
-    'priv .. leaf': ['cinder-cgroup-throttle-priv', 'create-leaf', 'blkio', P, '..'],
-    'priv leaf not a copy id': ['cinder-cgroup-throttle-priv', 'remove-leaf', 'blkio', P,
-                                'system', '1'],
-    'priv limit not a number': ['cinder-cgroup-throttle-priv', 'set-limit', 'blkio', P, LEAF,
-                                '7:0', '1M', '0', '0', '0'],
-    'priv limit extra value': ['cinder-cgroup-throttle-priv', 'set-limit', 'blkio', P, LEAF,
-                               '7:0', '1', '0', '0', '0', '0'],
-    'priv unknown operation': ['cinder-cgroup-throttle-priv', 'write', 'blkio', P, LEAF,
-                               'cgroup.procs', '1'],
+    'the old priv helper': ['cinder-cgroup-throttle-priv', 'create-leaf', 'blkio', P, LEAF],
     'ionice sh (Cinder ionice chain)': ['ionice', '-c3', 'sh'],
 }
 
 
 @pytest.mark.parametrize('name', sorted(HOSTILE))
-def test_hostile_command_is_denied(filters, name):
-    assert verdict(filters, HOSTILE[name]) is None, HOSTILE[name]
+def test_hostile_command_is_denied(filters, name, exec_dirs):
+    assert verdict(filters, HOSTILE[name], exec_dirs) is None, HOSTILE[name]
+
+
+# oslo.rootwrap itself appends "privsep-helper: CommandFilter" to every filter list: any
+# privsep-helper command passes rootwrap. The boundary is therefore the daemon's own
+# validation of every argument (tests/unit/test_privileged.py); our lines name the shape.
+PRIVSEP_OTHER = {
+    'other context': PRIVSEP[:2] + ['os_brick.privileged.default'] + PRIVSEP[3:],
+    'context as a regexp': PRIVSEP[:2] + ['cinder_cgroup_throttleXprivsep.default']
+    + PRIVSEP[3:],
+    'config outside /etc': PRIVSEP[:1] + ['--config-file', '/tmp/x.conf'] + PRIVSEP[1:],
+    'config /etc/..': PRIVSEP[:1] + ['--config-file', '/etc/../tmp/x.conf'] + PRIVSEP[1:],
+    'config /etc/cinder/../..': PRIVSEP[:1] + ['--config-file', '/etc/cinder/../../x.conf']
+    + PRIVSEP[1:],
+    'three config files': PRIVSEP[:1] + CONF * 3 + PRIVSEP[1:],
+    'config dir': PRIVSEP[:1] + ['--config-dir', '/etc/cinder'] + PRIVSEP[1:],
+    'socket outside /tmp': PRIVSEP[:4] + ['/run/x/privsep.sock'],
+    'socket ..': PRIVSEP[:4] + ['/tmp/../run/privsep.sock'],
+    'extra argument': PRIVSEP + ['--debug'],
+}
+
+
+@pytest.mark.parametrize('name', sorted(PRIVSEP_OTHER))
+def test_rootwrap_admits_any_privsep_helper_but_not_as_ours(filters, name, exec_dirs):
+    assert verdict(filters, PRIVSEP_OTHER[name], exec_dirs) == 'privsep-helper'
 
 
 def test_cinder_own_cgexec_line_is_what_must_be_replaced():
@@ -183,13 +220,14 @@ def test_cinder_own_cgexec_line_is_what_must_be_replaced():
 
 # -- real runs: every command our code generated went through the real cinder-rootwrap ---
 @pytest.fixture
-def rootwrap(tmp_path, cgroup_parent):
+def rootwrap(tmp_path, cgroup_parent, exec_dirs):
     """A root helper that records each command and runs it through the real cinder-rootwrap
-    with a rootwrap.conf over our filters (parent renamed to the session's) + Cinder's."""
+    with a rootwrap.conf over our filters (parent renamed to the session's) + Cinder's, in
+    one install layout."""
     filters_dir = write_filters(str(tmp_path / 'rootwrap.d'), cgroup_parent)
     conf = tmp_path / 'rootwrap.conf'
     conf.write_text('[DEFAULT]\nfilters_path=%s\nexec_dirs=%s\nuse_syslog=False\n'
-                    % (filters_dir, ','.join(EXEC_DIRS)))
+                    % (filters_dir, ','.join(exec_dirs)))
     log = tmp_path / 'commands'
     helper = tmp_path / 'root-helper'
     rootwrap = os.path.join(BIN, 'cinder-rootwrap')
@@ -211,12 +249,27 @@ def rootwrap(tmp_path, cgroup_parent):
     return [str(helper)], execute, recorded, filters_dir
 
 
+@pytest.fixture
+def privsep_through(monkeypatch):
+    """Start this package's privsep daemon through ``helper`` (as cinder-volume's
+    priv_context.init(root_helper) does), and stop it afterwards."""
+    from oslo_privsep import priv_context
+
+    from cinder_cgroup_throttle import privsep
+
+    def through(helper):
+        privsep.default.stop()
+        monkeypatch.setattr(priv_context, '_HELPER_COMMAND_PREFIX', list(helper))
+    yield through
+    privsep.default.stop()
+
+
 @pytest.mark.kernel
 @pytest.mark.cinder
 @pytest.mark.parametrize('backend', ['cgroup', 'pv'])
 @pytest.mark.parametrize('ionice', [None, '-c3'])
 def test_real_copies_pass_rootwrap(scratch, cgroup_parent, state_dir, rootwrap, backend,
-                                   ionice, monkeypatch):
+                                   ionice, exec_dirs, privsep_through, monkeypatch):
     from cinder.image import image_utils
     from cinder.volume import volume_utils
 
@@ -225,11 +278,14 @@ def test_real_copies_pass_rootwrap(scratch, cgroup_parent, state_dir, rootwrap, 
     from cinder_cgroup_throttle.throttle import CgroupThrottle
     from tests.scratch import MiB, fill_random, sha256_prefix
 
+    # A root process names the wrapper by its path unless PATH finds it; a non-root
+    # service (simulated here) names it bare, as the filters expect.
     monkeypatch.setenv('PATH', BIN + os.pathsep + os.environ['PATH'])
     helper, execute, recorded, filters_dir = rootwrap
-    # The privileged cgroup steps go through the same rootwrap, as for a non-root service.
-    driver = (PrivilegedDriver(get_driver(cgroup_parent), helper)
-              if backend == 'cgroup' else None)
+    # The privileged cgroup steps go through the privsep daemon, started through the same
+    # rootwrap, as for a non-root service.
+    privsep_through(helper)
+    driver = PrivilegedDriver(get_driver(cgroup_parent)) if backend == 'cgroup' else None
     manager = CopyManager(cgroup_parent, grace=5, backend=backend, driver=driver,
                           registry=Registry(state_dir))
     throttle = CgroupThrottle(8 * MiB, manager=manager)
@@ -246,12 +302,14 @@ def test_real_copies_pass_rootwrap(scratch, cgroup_parent, state_dir, rootwrap, 
     assert get_driver(cgroup_parent).leaves() == []
 
     commands = recorded()
-    kinds = sorted({argv[1] if argv[0] == 'cinder-cgroup-throttle-priv' else argv[0]
-                    for argv in commands})
-    assert kinds == (['cgexec', 'create-leaf', 'remove-leaf', 'set-limit']
-                     if backend == 'cgroup' else ['cinder-cgroup-throttle-pipe']), commands
+    kinds = [argv[0] for argv in commands]
+    if backend == 'cgroup':  # one daemon for all steps of both copies
+        assert sorted(set(kinds)) == ['cgexec', 'privsep-helper'], commands
+        assert kinds.count('privsep-helper') == 1, commands
+    else:
+        assert set(kinds) == {'cinder-cgroup-throttle-pipe'}, commands
     filters = wrapper.load_filters([filters_dir])
     for argv in commands:
-        assert (verdict(filters, argv) or '').startswith('cct_'), argv
-        if ionice and argv[0] != 'cinder-cgroup-throttle-priv' and 'dd' in argv:
+        assert (verdict(filters, argv, exec_dirs) or '').startswith('cct_'), argv
+        if ionice and 'dd' in argv:
             assert argv[argv.index('dd') - 2:argv.index('dd')] == ['ionice', ionice]
