@@ -1,7 +1,7 @@
 """A stand-in for cinder-volume, run by systemd in the VM lane (tests/systemd).
 
 It starts as cinder-volume does (``cinder/cmd/volume.py``): eventlet monkey-patching before
-anything else, then Cinder's config, then the throttle installed as ``BaseVD.set_throttle``
+anything else, then Cinder's config and privsep's root helper, then the throttle installed as ``BaseVD.set_throttle``
 installs it (cinder_hook.PolicyThrottle from cinder.conf, ``Throttle.set_default``). Copies
 go through Cinder 29's real ``volume_utils.copy_volume`` and ``image_utils.convert_image``,
 each in its own greenthread, so several run at once as in a real volume service.
@@ -22,11 +22,13 @@ monkey_patch.patch()
 
 import json  # noqa: E402
 import os  # noqa: E402
+import shlex  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
 import eventlet  # noqa: E402
 from oslo_config import cfg  # noqa: E402
+from oslo_privsep import priv_context  # noqa: E402
 
 from cinder.common import config  # noqa: E402,F401  (registers rootwrap_config)
 from cinder.image import image_utils  # noqa: E402
@@ -65,6 +67,7 @@ def run_job(spool, name, job, throttle):
 def main():
     conf, spool = sys.argv[1:3]
     cfg.CONF(['--config-file', conf], project='cinder', default_config_files=[])
+    priv_context.init(root_helper=shlex.split(utils.get_root_helper()))  # as volume.py
     throttle = cinder_hook.PolicyThrottle(policy.load_config(cfg.CONF, None))
     throttling.Throttle.set_default(throttle)
     driver = throttle.manager.driver

@@ -4,8 +4,9 @@ Runs only in the VM lane's --systemd mode (systemd is PID 1; ``tools/run-vm-test
 boots it once for this whole module). The unit is a stand-in for cinder-volume
 (standin.py: monkey-patched, Cinder 29's real copy_volume and convert_image, our throttle
 installed as Cinder installs it) with the shipped drop-in
-(etc/systemd/system/cinder-volume.service.d/), User=cinder, privileged steps through
-``sudo cinder-rootwrap`` and the shipped filters. The test, as root outside the unit,
+(etc/systemd/system/cinder-volume.service.d/), User=cinder, privileged cgroup steps in
+our oslo.privsep daemon and copies through ``sudo cinder-rootwrap`` with the shipped
+filters. The test, as root outside the unit,
 watches the copies' cgroups and judges rates on dd's own clock or io.stat byte counters.
 
 The tests share one service and run in file order: restart and stop come last.
@@ -252,7 +253,7 @@ def test_service_moved_into_its_own_leaf(service):
     info = service.info
     assert info['uid'] == pwd.getpwnam(USER).pw_uid
     assert info['cgroup'] == '0::/system.slice/%s/main' % UNIT
-    assert info['driver'] == 'PrivilegedDriver'  # not root: cgroup steps via rootwrap
+    assert info['driver'] == 'PrivilegedDriver'  # not root: cgroup steps via privsep
     assert info['parent'] == 'system.slice/%s/cinder-volume-copy' % UNIT
     assert read(UNIT_CG + '/cgroup.procs').split() == []
     assert str(info['pid']) in read(UNIT_CG + '/main/cgroup.procs').split()
