@@ -1,8 +1,9 @@
 """A stand-in for cinder-volume, run by systemd in the VM lane (tests/systemd).
 
 It starts as cinder-volume does (``cinder/cmd/volume.py``): eventlet monkey-patching before
-anything else, then Cinder's config and privsep's root helper, then the throttle installed as ``BaseVD.set_throttle``
-installs it (cinder_hook.PolicyThrottle from cinder.conf, ``Throttle.set_default``). Copies
+anything else, then Cinder's config and privsep's root helper, then the throttle installed
+as ``BaseVD.set_throttle`` installs it (cinder_hook.PolicyThrottle from cinder.conf,
+``Throttle.set_default``). Copies
 go through Cinder 29's real ``volume_utils.copy_volume`` and ``image_utils.convert_image``,
 each in its own greenthread, so several run at once as in a real volume service.
 

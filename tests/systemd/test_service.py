@@ -273,6 +273,11 @@ def test_single_copy_at_the_limit(service):
         UNIT, 'cinder-volume-copy/' + leaf)
     assert ('%s rbps=max wbps=%d riops=max wiops=max' % (majmin(dst), RATE)
             in read(os.path.join(COPIES_CG, leaf, 'io.max')))
+    # the privsep daemon that made the leaf is the service's too: in its leaf, as root
+    helpers = [p.split(':')[0] for p in processes_with('cinder_cgroup_throttle.privsep')]
+    assert helpers
+    for pid in helpers:
+        assert read('/proc/%s/cgroup' % pid).strip() == '0::/system.slice/%s/main' % UNIT
     result = service.result(name)
     assert result['ok'], result
     ratio = dd_ratio(result['stderr'], size_mb * MiB, RATE)
