@@ -17,31 +17,14 @@ import time
 
 import pytest
 
-from tests.scratch import MiB, fill_random, sha256_prefix
+from tests.scratch import MiB, fill_random, io_wbytes as wbytes, majmin, sha256_prefix
+from tests.scratch import read_text as read
 
 pytestmark = [pytest.mark.vm, pytest.mark.kernel]
 
 CLI = os.path.join(os.path.dirname(sys.executable), 'cinder-cgroup-throttle')
 RATE = 8 * MiB
 SIZE = 32 * MiB
-
-
-def read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return ''
-
-
-def majmin(dev: str) -> str:
-    rdev = os.stat(dev).st_rdev
-    return '%d:%d' % (os.major(rdev), os.minor(rdev))
-
-
-def wbytes(leaf: str, dev: str) -> int:
-    match = re.search(r'^%s .*wbytes=(\d+)' % dev, read(os.path.join(leaf, 'io.stat')), re.M)
-    return int(match.group(1)) if match else 0
 
 
 @pytest.fixture

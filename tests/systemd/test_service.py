@@ -25,7 +25,8 @@ import time
 
 import pytest
 
-from tests.scratch import MiB, Scratch, fill_random, sha256_prefix
+from tests.scratch import MiB, Scratch, fill_random, io_wbytes, majmin, sha256_prefix
+from tests.scratch import read_text as read
 from tests.unit.test_rootwrap_filters import EXEC_DIRS, write_filters
 
 pytestmark = [pytest.mark.vm, pytest.mark.systemd]
@@ -59,19 +60,6 @@ def wait_for(cond, what: str, timeout: float = 60.0, step: float = 0.1):
         time.sleep(step)
 
 
-def read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return ''
-
-
-def majmin(dev: str) -> str:
-    rdev = os.stat(dev).st_rdev
-    return '%d:%d' % (os.major(rdev), os.minor(rdev))
-
-
 def busy_leaves() -> list:
     """The copies' leaf cgroups that hold processes (the copy command runs)."""
     try:
@@ -83,9 +71,7 @@ def busy_leaves() -> list:
 
 
 def wbytes(leaf: str, dev: str) -> int:
-    match = re.search(r'^%s .*\bwbytes=(\d+)' % dev,
-                      read(os.path.join(COPIES_CG, leaf, 'io.stat')), re.M)
-    return int(match.group(1)) if match else 0  # no line before the first I/O
+    return io_wbytes(os.path.join(COPIES_CG, leaf), dev)
 
 
 def write_rates(leaves_devs, window: float = 3.0) -> list:
@@ -248,6 +234,26 @@ def cli(*args: str) -> str:
     return proc.stdout
 
 
+def start_copy(service: Service, size_mb: int) -> tuple:
+    """One copy_volume of random data between two fresh loop devices, once its dd runs
+    in its leaf: (src, digest, dst, job name, leaf)."""
+    (src, digest, dst), = service.loops(size_mb)
+    name = service.submit('copy', src, dst, size_mb)
+    leaf, = wait_for(busy_leaves, 'the copy to start')
+    return src, digest, dst, name, leaf
+
+
+def finish_at_rate(service: Service, name: str, dst: str, digest: str, size_mb: int,
+                   what: str) -> None:
+    """The copy succeeded, at 0.97-1.02 of the limit on dd's own clock, every byte right."""
+    result = service.result(name)
+    assert result['ok'], result
+    ratio = dd_ratio(result['stderr'], size_mb * MiB, RATE)
+    print('%s: achieved/limit %.3f' % (what, ratio))
+    assert 0.97 <= ratio <= 1.02, ratio
+    assert sha256_prefix(dst, size_mb * MiB) == digest
+
+
 # -- the tests, in order --------------------------------------------------------------------
 def test_service_moved_into_its_own_leaf(service):
     info = service.info
@@ -265,9 +271,7 @@ def test_service_moved_into_its_own_leaf(service):
 
 def test_single_copy_at_the_limit(service):
     size_mb = 24
-    (src, digest, dst), = service.loops(size_mb)
-    name = service.submit('copy', src, dst, size_mb)
-    leaf, = wait_for(busy_leaves, 'the copy to start')
+    src, digest, dst, name, leaf = start_copy(service, size_mb)
     dd_pid = read(os.path.join(COPIES_CG, leaf, 'cgroup.procs')).split()[0]
     assert read('/proc/%s/cgroup' % dd_pid).strip() == '0::/system.slice/%s/%s' % (
         UNIT, 'cinder-volume-copy/' + leaf)
@@ -278,20 +282,13 @@ def test_single_copy_at_the_limit(service):
     assert helpers
     for pid in helpers:
         assert read('/proc/%s/cgroup' % pid).strip() == '0::/system.slice/%s/main' % UNIT
-    result = service.result(name)
-    assert result['ok'], result
-    ratio = dd_ratio(result['stderr'], size_mb * MiB, RATE)
-    print('single copy: achieved/limit %.3f' % ratio)
-    assert 0.97 <= ratio <= 1.02, ratio
-    assert sha256_prefix(dst, size_mb * MiB) == digest
+    finish_at_rate(service, name, dst, digest, size_mb, 'single copy')
     assert not os.path.exists(os.path.join(COPIES_CG, leaf))
 
 
 def test_limit_holds_after_daemon_reload(service):
     size_mb = 32
-    (src, digest, dst), = service.loops(size_mb)
-    name = service.submit('copy', src, dst, size_mb)
-    leaf, = wait_for(busy_leaves, 'the copy to start')
+    src, digest, dst, name, leaf = start_copy(service, size_mb)
     dev = majmin(dst)
     wait_for(lambda: wbytes(leaf, dev) >= 6 * MiB, '6 MiB written')
     sh('systemctl', 'daemon-reload')
@@ -299,12 +296,7 @@ def test_limit_holds_after_daemon_reload(service):
     rate, = write_rates([(leaf, dev)], window=3.0)
     print('after daemon-reload: io.stat rate/limit %.3f' % (rate / RATE))
     assert 0.9 * RATE <= rate <= 1.03 * RATE, rate / RATE
-    result = service.result(name)
-    assert result['ok'], result
-    ratio = dd_ratio(result['stderr'], size_mb * MiB, RATE)
-    print('copy across daemon-reload: achieved/limit %.3f' % ratio)
-    assert 0.97 <= ratio <= 1.02, ratio
-    assert sha256_prefix(dst, size_mb * MiB) == digest
+    finish_at_rate(service, name, dst, digest, size_mb, 'copy across daemon-reload')
 
 
 def test_three_copies_share_the_host_cap_and_relimit(service):
@@ -355,9 +347,7 @@ def test_three_copies_share_the_host_cap_and_relimit(service):
 
 def test_restart_mid_copy_cleans_up(service):
     size_mb = 32
-    (src, digest, dst), = service.loops(size_mb)
-    name = service.submit('copy', src, dst, size_mb)
-    leaf, = wait_for(busy_leaves, 'the copy to start')
+    src, digest, dst, name, leaf = start_copy(service, size_mb)
     dd_pids = read(os.path.join(COPIES_CG, leaf, 'cgroup.procs')).split()
     old = service.info['pid']
     sh('systemctl', 'restart', UNIT)
