@@ -66,7 +66,8 @@ def test_private_cgroupns_moves_its_processes_into_a_leaf(scratch, container):
     # A process in the namespace root (the container's init), the namespace's own cgroup2,
     # then check and a copy, as `docker exec` runs them.
     proc = in_namespace(container, 'sleep 600 >/dev/null 2>&1 & '
-                        'mount -t cgroup2 cgroup2 /sys/fs/cgroup && %s check && '
+                        'umount /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup && '
+                        '%s check && '
                         'exec %s copy %s %s --limit %d --size %d'
                         % (CLI, CLI, src, dst, RATE, SIZE))
     copies = os.path.join(container, 'cinder-volume-copy')

@@ -237,6 +237,7 @@ def cli(*args: str) -> str:
 def start_copy(service: Service, size_mb: int) -> tuple:
     """One copy_volume of random data between two fresh loop devices, once its dd runs
     in its leaf: (src, digest, dst, job name, leaf)."""
+    wait_for(lambda: not busy_leaves(), 'the copies of an earlier test to end', 300)
     (src, digest, dst), = service.loops(size_mb)
     name = service.submit('copy', src, dst, size_mb)
     leaf, = wait_for(busy_leaves, 'the copy to start')
@@ -244,13 +245,13 @@ def start_copy(service: Service, size_mb: int) -> tuple:
 
 
 def finish_at_rate(service: Service, name: str, dst: str, digest: str, size_mb: int,
-                   what: str) -> None:
-    """The copy succeeded, at 0.97-1.02 of the limit on dd's own clock, every byte right."""
+                   what: str, low: float = 0.97) -> None:
+    """The copy succeeded, at low-1.02 of the limit on dd's own clock, every byte right."""
     result = service.result(name)
     assert result['ok'], result
     ratio = dd_ratio(result['stderr'], size_mb * MiB, RATE)
     print('%s: achieved/limit %.3f' % (what, ratio))
-    assert 0.97 <= ratio <= 1.02, ratio
+    assert low <= ratio <= 1.02, ratio
     assert sha256_prefix(dst, size_mb * MiB) == digest
 
 
@@ -298,8 +299,10 @@ def test_limit_holds_after_daemon_reload(service):
     assert 'wbps=%d' % RATE in read(os.path.join(COPIES_CG, leaf, 'io.max'))
     rate, = write_rates([(leaf, dev)], window=3.0)
     print('after daemon-reload: io.stat rate/limit %.3f' % (rate / RATE))
-    assert 0.9 * RATE <= rate <= 1.03 * RATE, rate / RATE
-    finish_at_rate(service, name, dst, digest, size_mb, 'copy across daemon-reload')
+    assert 0.95 * RATE <= rate <= 1.02 * RATE, rate / RATE
+    # Over the whole copy never above the limit; below it by the seconds daemon-reload
+    # held the one emulated vCPU (dd could not submit I/O then: 0.925 measured).
+    finish_at_rate(service, name, dst, digest, size_mb, 'copy across daemon-reload', 0.8)
 
 
 def test_three_copies_share_the_host_cap_and_relimit(service):
@@ -312,7 +315,13 @@ def test_three_copies_share_the_host_cap_and_relimit(service):
     d3 = fill_random(image, size_mb * MiB)
     names = [service.submit('copy', s1, t1, size_mb), service.submit('copy', s2, t2, size_mb),
              service.submit('convert', image, t3, size_mb)]
-    leaves = wait_for(lambda: len(busy_leaves()) == 3 and busy_leaves(), 'three copies')
+
+    def three():
+        ended = [service.result(n, 0) for n in names
+                 if os.path.exists(os.path.join(service.results, n + '.json'))]
+        assert not ended, 'a copy ended before all three ran: %s' % ended
+        return len(busy_leaves()) == 3 and busy_leaves()
+    leaves = wait_for(three, 'three copies', timeout=300)
     devs = {}
     for leaf in leaves:  # which leaf limits which destination
         for t in (t1, t2, t3):
