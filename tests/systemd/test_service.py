@@ -200,13 +200,16 @@ def start(scratch: Scratch) -> Service:
     os.chmod(scratch.dir, 0o755)  # the loop images' directory; the devices stay root's
 
     unit = '/etc/systemd/system/' + UNIT
+    # The venv's packages for the service and for the Pythons it starts (Cinder runs
+    # `python -m oslo_concurrency.prlimit` for qemu-img info).
+    purelib = sysconfig.get_paths()['purelib']
     with open(unit, 'w') as f:
         f.write('[Unit]\nDescription=cinder-volume stand-in (tests/systemd/standin.py)\n'
-                '[Service]\nUser=%s\nEnvironment=PYTHONPATH=%s PYTHONDONTWRITEBYTECODE=1 '
+                '[Service]\nUser=%s\nEnvironment=PYTHONPATH=%s:%s PYTHONDONTWRITEBYTECODE=1 '
                 'CINDER_CGROUP_THROTTLE_STATE_DIR=%s PATH=%s\n'
                 'ExecStart=%s -S %s/tests/systemd/standin.py %s %s %s\n'
-                % (USER, REPO, svc.state, ':'.join(EXEC_DIRS), user_python(),
-                   REPO, conf, SPOOL, sysconfig.get_paths()['purelib']))
+                % (USER, REPO, purelib, svc.state, ':'.join(EXEC_DIRS), user_python(),
+                   REPO, conf, SPOOL, purelib))
     scratch.defer('rm ' + unit, lambda: os.unlink(unit))
     dropin = unit + '.d'
     os.mkdir(dropin)
