@@ -309,15 +309,18 @@ def test_limit_holds_after_daemon_reload(service):
 
 
 def test_three_copies_share_the_host_cap_and_relimit(service):
-    size_mb = 48
-    (s1, d1, t1), (s2, d2, t2), (s3, d3, t3) = service.loops(size_mb, 3)
-    work = service.scratch.tmpfs(size_mb + 8)
+    # The image conversion first and longest: Cinder runs qemu-img info (through
+    # prlimit's Python and rootwrap) before it, seconds under emulation.
+    size_mb, image_mb = 64, 160
+    (s1, d1, t1), (s2, d2, t2) = service.loops(size_mb, 2)
+    work = service.scratch.tmpfs(image_mb + 8)
     os.chmod(os.path.dirname(work), 0o711)  # cinder reads the image (qemu-img is root)
     os.chmod(work, 0o755)
-    image = os.path.join(work, 'image.raw')
-    d3 = fill_random(image, size_mb * MiB)
-    names = [service.submit('copy', s1, t1, size_mb), service.submit('copy', s2, t2, size_mb),
-             service.submit('convert', image, t3, size_mb)]
+    image, t3 = os.path.join(work, 'image.raw'), service.scratch.loop(image_mb + 8)
+    d3 = fill_random(image, image_mb * MiB)
+    names = [service.submit('convert', image, t3, image_mb)]
+    wait_for(busy_leaves, 'the conversion to start', timeout=300)
+    names += [service.submit('copy', s1, t1, size_mb), service.submit('copy', s2, t2, size_mb)]
 
     def three():
         ended = [service.result(n, 0) for n in names
@@ -355,9 +358,10 @@ def test_three_copies_share_the_host_cap_and_relimit(service):
     for name in names:
         result = service.result(name, timeout=600)
         assert result['ok'], result
-    for digest, dst in ((d1, t1), (d2, t2), (d3, t3)):
-        assert sha256_prefix(dst, size_mb * MiB) == digest
-    assert busy_leaves() == [] and os.listdir(COPIES_CG) == []
+    for digest, dst, mb in ((d1, t1, size_mb), (d2, t2, size_mb), (d3, t3, image_mb)):
+        assert sha256_prefix(dst, mb * MiB) == digest
+    assert busy_leaves() == []
+    assert not os.path.exists(COPIES_CG) or os.listdir(COPIES_CG) == []
 
 
 def test_restart_mid_copy_cleans_up(service):
