@@ -74,8 +74,9 @@ def test_private_cgroupns_moves_its_processes_into_a_leaf(scratch, container):
     busy = []
     deadline = time.monotonic() + 300
     while not busy and proc.poll() is None and time.monotonic() < deadline:
-        busy = [os.path.join(copies, n) for n in (os.listdir(copies)
-                if os.path.isdir(copies) else []) if read(os.path.join(copies, n, 'cgroup.procs'))]
+        leaves = [os.path.join(copies, n) for n in (
+            os.listdir(copies) if os.path.isdir(copies) else []) if n.startswith('copy-')]
+        busy = [leaf for leaf in leaves if read(os.path.join(leaf, 'cgroup.procs'))]
         time.sleep(0.05)
     assert busy, proc.communicate()
     leaf = busy[0]
