@@ -84,6 +84,9 @@ def test_private_cgroupns_moves_its_processes_into_a_leaf(scratch, container):
     assert read(os.path.join(container, 'cgroup.procs')).split() == []
     assert len(read(os.path.join(container, 'main', 'cgroup.procs')).split()) >= 2
     assert 'wbps=%d' % RATE in read(os.path.join(leaf, 'io.max'))
+    # from the copy's first written bytes on: starting dd under emulation takes a second
+    while proc.poll() is None and wbytes(leaf, majmin(dst)) < MiB:
+        time.sleep(0.05)
     t0, before = time.monotonic(), wbytes(leaf, majmin(dst))
     time.sleep(2.0)
     rate = (wbytes(leaf, majmin(dst)) - before) / (time.monotonic() - t0)

@@ -334,6 +334,7 @@ def test_three_copies_share_the_host_cap_and_relimit(service):
             if majmin(t) + ' ' in read(os.path.join(COPIES_CG, leaf, 'io.max')):
                 devs[leaf] = majmin(t)
     assert len(devs) == 3, devs
+    wait_for(lambda: all(wbytes(leaf, dev) for leaf, dev in devs.items()), 'all to write')
     for leaf in leaves:
         assert 'wbps=%d' % (HOST_CAP // 3) in read(os.path.join(COPIES_CG, leaf, 'io.max'))
     rates = write_rates(sorted(devs.items()))
