@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List
 
+import budget
 from copyrun import MiB, CopyResult, DeviceSampler, run_concurrently, run_copy
 
 from tests.scratch import Scratch, fill_random, sha256_prefix
@@ -224,15 +225,19 @@ def scale(cfg: Config, scratch: Scratch, con: Any) -> List[Row]:
     src, dst = scratch.loop(8), scratch.loop(8)
     digest = fill_random(src, MiB)
     rows = []
-    throttles = {'ours': con.ours(), 'cinder': con.cinder()}
+    throttles = {'ours': con.ours(), 'ours-privsep': con.ours_privsep(),
+                 'cinder': con.cinder()}
     for name, throttle in throttles.items():
         results = [_checked(name, throttle, src, dst, 1, '1M', digest) for _ in range(n)]
         first = statistics.median(r.overhead_s * 1000 for r in results[:8])
         last = statistics.median(r.overhead_s * 1000 for r in results[-8:])
         left = con.left_behind(throttle)
+        extra = ({'privsep_start_ms': con.privsep_start_s * 1000}
+                 if name == 'ours-privsep' else {})
         rows.append(ratio_row('%d copies of 1 MiB in a row' % n, name, results, cfg.limit,
                               first8_overhead_ms=first, last8_overhead_ms=last,
-                              left_behind=left, ratio_target=False, overhead_target=True))
+                              left_behind=left, ratio_target=False, overhead_target=True,
+                              **extra))
         log('%d in a row %-6s overhead median %.2f ms p95 %.2f ms first8 %.2f last8 %.2f '
             'left %s' % (n, name, rows[-1]['overhead_ms_median'], rows[-1]['overhead_ms_p95'],
                          first, last, left))
@@ -329,4 +334,4 @@ def timeline(cfg: Config, scratch: Scratch, con: Any) -> List[Row]:
 
 PHASES: Dict[str, Callable[[Config, Scratch, Any], List[Row]]] = {
     'accuracy': accuracy, 'concurrent': concurrent, 'scale': scale, 'cpu': cpu,
-    'timeline': timeline}
+    'timeline': timeline, 'budget': budget.phase}

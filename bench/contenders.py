@@ -5,6 +5,10 @@
 * Cinder: ``cinder.volume.throttling.BlkioCgroup`` with oslo.privsep in-process
   (``set_client_mode(False)``), one cgroup per instance (``cct-bench-cinder-<pid>-<n>``)
   that is removed with ``rmdir`` when the instance is retired;
+* ours, non-root path: the same, but every cgroup step through this package's privsep
+  daemon (``PrivilegedDriver``), as in a cinder-volume that is not root; the daemon is
+  started once through the real ``cinder-rootwrap`` (over our filters) before any copy
+  is timed, as in a running service;
 * none: Cinder's base ``Throttle`` (empty prefix): the bare dd baseline.
 """
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -60,6 +65,26 @@ def _rmdir_cgroup(cgdir: str) -> None:
     os.rmdir(cgdir)
 
 
+def _start_privsep(state_dir: str) -> float:
+    """Start our privsep daemon through the real cinder-rootwrap; return how long it took."""
+    from oslo_privsep import priv_context
+
+    from cinder_cgroup_throttle import privsep
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bindir = os.path.dirname(sys.executable)
+    conf = os.path.join(state_dir, 'rootwrap.conf')
+    os.makedirs(state_dir, exist_ok=True)
+    with open(conf, 'w') as f:
+        f.write('[DEFAULT]\nfilters_path=%s\nexec_dirs=%s\nuse_syslog=False\n' % (
+            os.path.join(repo, 'etc', 'rootwrap.d'),
+            ','.join([bindir, '/usr/local/sbin', '/usr/local/bin', '/usr/sbin', '/usr/bin',
+                      '/sbin', '/bin'])))
+    priv_context.init(root_helper=[os.path.join(bindir, 'cinder-rootwrap'), conf])
+    t0 = time.perf_counter()
+    privsep.default.start()
+    return time.perf_counter() - t0
+
+
 class Contenders:
     def __init__(self, limit: int, state_dir: str) -> None:
         import cinder.privsep
@@ -69,16 +94,27 @@ class Contenders:
         self.parent = 'cct-bench-%d' % os.getpid()
         self._cinder_dirs: List[str] = []
         self._managers: List[Any] = []
+        self.privsep_start_s: Optional[float] = None
 
     # -- factories ---------------------------------------------------------------------
-    def ours(self, backend: str = 'auto', limit: Optional[int] = None) -> Any:
+    def ours(self, backend: str = 'auto', limit: Optional[int] = None,
+             driver: Any = None) -> Any:
         from cinder_cgroup_throttle.manager import CopyManager
         from cinder_cgroup_throttle.registry import Registry
         from cinder_cgroup_throttle.throttle import CgroupThrottle
-        manager = CopyManager(self.parent, grace=5, backend=backend,
+        manager = CopyManager(self.parent, grace=5, backend=backend, driver=driver,
                               registry=Registry(self.state_dir))
         self._managers.append(manager)
         return CgroupThrottle(limit or self.limit, manager=manager)
+
+    def ours_privsep(self) -> Any:
+        """Ours with every cgroup step in the privsep daemon (the non-root path)."""
+        from cinder_cgroup_throttle import privsep
+        from cinder_cgroup_throttle.cgroups import get_driver
+        from cinder_cgroup_throttle.privileged import PrivilegedDriver
+        if privsep.default.channel is None:
+            self.privsep_start_s = _start_privsep(self.state_dir)
+        return self.ours(driver=PrivilegedDriver(get_driver(self.parent)))
 
     def cinder(self, limit: Optional[int] = None) -> Any:
         from cinder.volume.throttling import BlkioCgroup
@@ -120,6 +156,9 @@ class Contenders:
 
     def close(self) -> List[str]:
         """Remove every cgroup this run made; return what had to be cleaned by force."""
+        if self.privsep_start_s is not None:
+            from cinder_cgroup_throttle import privsep
+            privsep.default.stop()  # the daemon exits when its socket closes
         forced = []
         for cgdir in self._cinder_dirs:
             if os.path.isdir(cgdir):

@@ -67,7 +67,8 @@ def table(rows: List[Row]) -> str:
     out = ['| case | ours | Cinder BlkioCgroup | target (ours) |', '|---|---|---|---|']
     seen: List[str] = []
     for row in rows:
-        if row['case'] not in seen and not row['case'].startswith(('left behind', 'CPU')):
+        if row['case'] not in seen and not row['case'].startswith(('left behind', 'CPU')) \
+                and 'summary' not in row:
             seen.append(row['case'])
     for case in seen:
         ours, cinder = _find(rows, case, 'ours'), _find(rows, case, 'cinder')
@@ -88,6 +89,13 @@ def table(rows: List[Row]) -> str:
                 'CPU and the GIL among all copies')
             out.append('| ↳ setup+teardown median / p95 | %s | %s | %s |'
                        % (cells[0], cells[1], target))
+        nonroot = _find(rows, case, 'ours-privsep')
+        if nonroot is not None and 'overhead_ms_median' in nonroot:
+            out.append('| ↳ non-root path: every cgroup step in the privsep daemon (started '
+                       'once, in %.0f ms) | %s | | median ≤ %.0f ms: %s |' % (
+                           nonroot.get('privsep_start_ms', float('nan')),
+                           _overhead_cell(nonroot), OVERHEAD_TARGET_MS,
+                           _mark(nonroot['overhead_ms_median'] <= OVERHEAD_TARGET_MS)))
     bare = _find(rows, 'CPU per GiB: bare dd (no throttle)', 'none')
     for case in ('CPU per GiB: cgroup backend', 'CPU per GiB: pv fallback',
                  'CPU per GiB: bare dd (no throttle)'):
@@ -106,6 +114,11 @@ def table(rows: List[Row]) -> str:
             if 'pv' in case:
                 target += ' (≤ %.1f×: %s)' % (CPU_TARGET, _mark(factor <= CPU_TARGET))
         out.append('| %s | %s | | %s |' % (case, cell, target))
+    for row in rows:  # the shared copy budget (bench/budget.py)
+        if 'summary' in row:
+            out.append('| %s | %s | | re-balance within 2 s: %s |' % (
+                row['case'], row['summary'], _mark(row['rebalance_start_p99_s'] <= 2
+                                                   and row['rebalance_end_p99_s'] <= 2)))
     left_cases: List[str] = []
     for row in rows:
         if row['case'].startswith('left behind') and row['case'] not in left_cases:

@@ -29,7 +29,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                                                                      'bench', 'out'),
                         help='directory for results.json, table.md and throughput.png')
     parser.add_argument('--phase', action='append', dest='phases',
-                        choices=['accuracy', 'concurrent', 'scale', 'cpu', 'timeline'],
+                        choices=['accuracy', 'concurrent', 'scale', 'cpu', 'timeline',
+                                 'budget'],
                         help='run only this phase (repeatable)')
     parser.add_argument('--cinder-at-once', type=int, metavar='N',
                         help="copies at once for Cinder's throttle in the scale phase "

@@ -23,6 +23,11 @@ greenthread, so concurrent copies never see each other's volumes) for their dura
   ``migrate_volume``, ``retype`` and ``delete_volume`` (LVM's wipe of a deleted volume).
 
 A copy started anywhere else sees no volume and gets the operator's limit.
+
+The same wrappers record the copy's kind (``policy.LIMIT_SOURCES``), from the outermost
+method: ``delete_volume`` is a wipe; ``migrate_volume``, ``retype`` and
+``_copy_volume_data`` are an admin's migration when their context is an admin's, else a
+tenant's retype; clones and image transfers by name.
 """
 from __future__ import annotations
 
@@ -45,27 +50,44 @@ LOG = logging.getLogger(__name__)
 
 _volumes: contextvars.ContextVar[Tuple[Any, ...]] = contextvars.ContextVar(
     'cinder_cgroup_throttle_volumes', default=())
+_kind: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    'cinder_cgroup_throttle_kind', default=None)
 
-#: Driver methods that may copy data, and their parameters holding volumes.
-DRIVER_METHODS = ('create_cloned_volume', 'create_volume_from_snapshot',
-                  'create_volume_from_backup', 'copy_image_to_volume',
-                  'copy_volume_to_image', 'migrate_volume', 'retype', 'delete_volume')
+#: Driver methods that may copy data, and the kind of copy each starts (None: decided
+#: by the context, see :func:`migration_kind`).
+DRIVER_METHODS: Dict[str, Optional[str]] = {
+    'create_cloned_volume': policy.CLONE, 'create_volume_from_snapshot': policy.CLONE,
+    'create_volume_from_backup': policy.CLONE, 'copy_image_to_volume': policy.IMAGE,
+    'copy_volume_to_image': policy.IMAGE, 'migrate_volume': None, 'retype': None,
+    'delete_volume': policy.WIPE}
 VOLUME_PARAMS = ('volume', 'src_vref')
+CONTEXT_PARAMS = ('context', 'ctxt')
+
+
+def migration_kind(ctxt: Any) -> str:
+    """An admin's migration, or a tenant's retype (a non-admin or no context)."""
+    return policy.MIGRATION if getattr(ctxt, 'is_admin', False) is True else policy.RETYPE
 
 
 @contextlib.contextmanager
-def copying(*volumes: Any) -> Iterator[None]:
+def copying(*volumes: Any, kind: Optional[str] = None) -> Iterator[None]:
     """Copies started inside this block are copies of ``volumes`` (the first one names
-    the copy in the registry)."""
+    the copy in the registry), of ``kind`` unless an enclosing block set one."""
     token = _volumes.set(tuple(v for v in volumes if v is not None) + _volumes.get())
+    kind_token = _kind.set(_kind.get() or kind)
     try:
         yield
     finally:
+        _kind.reset(kind_token)
         _volumes.reset(token)
 
 
 def current_volumes() -> Tuple[Any, ...]:
     return _volumes.get()
+
+
+def current_kind() -> str:
+    return _kind.get() or policy.OTHER
 
 
 def with_admin_metadata(volume: Any) -> Any:
@@ -102,15 +124,18 @@ class PolicyThrottle(CgroupThrottle):
                          or CopyManager(config.cgroup_name, backend=config.backend,
                                         allow_unthrottled=config.allow_unthrottled,
                                         host_bps_limit=config.host_bps_limit,
-                                        static=config.static))
+                                        static=config.static,
+                                        budget_config=config.budget))
 
     @contextlib.contextmanager
     def subcommand(self, srcpath: str, dstpath: str) -> Iterator[Dict[str, Any]]:
         volumes = current_volumes()
         if self.config.metadata_key:
             volumes = tuple(with_admin_metadata(v) for v in volumes)
-        bps = policy.copy_bps_limit(volumes, self.config.bps_limit, self.config.metadata_key)
-        if not (bps or self.config.host_bps_limit or self.config.static):
+        bps = policy.copy_bps_limit(volumes, self.config.bps_limit, self.config.metadata_key,
+                                    kind=current_kind(), min_bps=self.config.min_bps)
+        if not (bps or self.config.host_bps_limit or self.config.static
+                or self.config.budget):
             yield {'prefix': []}
             return
         vid = policy.volume_id(volumes[0]) if volumes else None
@@ -118,7 +143,7 @@ class PolicyThrottle(CgroupThrottle):
             yield {'prefix': list(copy.prefix)}
 
 
-def _with_volumes(method: Callable[..., Any]) -> Callable[..., Any]:
+def _with_volumes(method: Callable[..., Any], kind: Optional[str]) -> Callable[..., Any]:
     signature = inspect.signature(method)
 
     @functools.wraps(method)
@@ -127,7 +152,9 @@ def _with_volumes(method: Callable[..., Any]) -> Callable[..., Any]:
             bound = signature.bind(self, *args, **kwargs).arguments
         except TypeError:  # let the real method report the bad call
             return method(self, *args, **kwargs)
-        with copying(*(bound.get(name) for name in VOLUME_PARAMS)):
+        ctxt = next((bound[n] for n in CONTEXT_PARAMS if n in bound), None)
+        with copying(*(bound.get(name) for name in VOLUME_PARAMS),
+                     kind=kind or migration_kind(ctxt)):
             return method(self, *args, **kwargs)
 
     wrapper.__cinder_cgroup_throttle__ = True  # type: ignore[attr-defined]
@@ -160,10 +187,10 @@ def throttled_class(real: type) -> type:
         if real not in _subclasses:
             namespace: Dict[str, Any] = {'__module__': real.__module__,
                                          '__qualname__': real.__qualname__}
-            for name in DRIVER_METHODS:
+            for name, kind in DRIVER_METHODS.items():
                 method = getattr(real, name, None)
                 if callable(method):
-                    namespace[name] = _with_volumes(method)
+                    namespace[name] = _with_volumes(method, kind)
             _subclasses[real] = type(real.__name__, (_ThrottleHook, real), namespace)
         return _subclasses[real]
 
@@ -178,7 +205,7 @@ def install_manager_hook() -> None:
     @functools.wraps(original)
     def _copy_volume_data(self: Any, ctxt: Any, src_vol: Any, dest_vol: Any,
                           *args: Any, **kwargs: Any) -> Any:
-        with copying(src_vol, dest_vol):
+        with copying(src_vol, dest_vol, kind=migration_kind(ctxt)):
             return original(self, ctxt, src_vol, dest_vol, *args, **kwargs)
 
     _copy_volume_data.__cinder_cgroup_throttle__ = True  # type: ignore[attr-defined]

@@ -13,6 +13,10 @@ Only what this package provably created is touched:
 * the pv pipeline's files next to the entry (``<id>.pipe.json``, ``<id>.rate``) once the
   pipeline process that wrote them is gone too.
 
+Anything in the state directory that is not a valid file of ours (a link, a FIFO, an
+entry whose fields do not type-check or whose id is not its file name, ...) is reported
+as ``foreign`` and left alone (statefiles.py).
+
 A leaf that still holds processes (an orphaned dd that outlived its owner) is never touched,
 and neither is its registry entry, so ``status`` keeps showing that copy; the same holds
 for a pv pipeline that is still running. For cgroups ``rmdir`` is the
@@ -26,7 +30,7 @@ import dataclasses
 import errno
 import logging
 import os
-import re
+import stat
 import time
 from typing import List, Optional, Set, Tuple
 
@@ -38,22 +42,20 @@ from cinder_cgroup_throttle.cgroups.blkio_v1 import BlkioV1Driver
 from cinder_cgroup_throttle.cgroups.io_v2 import IoV2Driver
 from cinder_cgroup_throttle.exception import ThrottleError
 from cinder_cgroup_throttle.registry import Entry, Registry, process_alive
-from cinder_cgroup_throttle.statefiles import COPY_ID
+from cinder_cgroup_throttle.statefiles import (BUDGET_NAME, COPY_ID, STATE_NAME, TEMP_NAME,
+                                               ForeignFile)
 
 LOG = logging.getLogger(__name__)
 
-# Temporary files of statefiles.write_json: '.' + copy id + more.
-_TEMP_ENTRY = re.compile(r'^\.copy-(\d+)-[0-9a-f]{8}')
 _TEMP_MAX_AGE = 60.0
 _HELPER_GRACE = 5.0
-_PIPE_FILE = re.compile(r'^(copy-\d+-[0-9a-f]{8})\.(pipe\.json|rate)$')
 
 
 @dataclasses.dataclass
 class Action:
     """One thing cleanup removed, would remove (dry run) or left alone, and why."""
 
-    kind: str  # 'cgroup', 'registry', 'pipefile' or 'tempfile'
+    kind: str  # 'cgroup', 'registry', 'pipefile', 'tempfile', 'budget' or 'foreign'
     target: str  # cgroup path, copy id or file path
     action: str  # 'removed', 'would remove', 'kept' or 'failed'
     reason: str
@@ -101,7 +103,11 @@ class Cleaner:
 
     def run(self) -> List[Action]:
         handled: Set[str] = set()
-        for entry in self.registry.entries():
+        entries, foreign = self.registry.scan()
+        for exc in foreign:
+            self._note('foreign', os.path.join(self.registry.directory, exc.name), 'kept',
+                       exc.reason)
+        for entry in entries:
             if not entry.owner_alive():
                 self._entry(entry)
             handled.add(entry.id)
@@ -126,8 +132,13 @@ class Cleaner:
             return
         if located is not None and not self._remove_leaf(*located, reason=dead):
             return  # keep the entry while its cgroup (and copy) lives on
-        if self._pipeline_alive(entry.id):
-            self._note('registry', entry.id, 'kept', dead + ', but its pv pipeline runs on')
+        try:
+            if self._pipeline_alive(entry.id):
+                self._note('registry', entry.id, 'kept',
+                           dead + ', but its pv pipeline runs on')
+                return
+        except ForeignFile as exc:
+            self._note('registry', entry.id, 'kept', str(exc))
             return
         self._remove_entry(entry.id, dead)
 
@@ -196,45 +207,52 @@ class Cleaner:
         self._note('registry', copy_id, 'removed', reason)
 
     def _pipeline_alive(self, copy_id: str) -> bool:
+        """Raises ForeignFile when the pipeline's state is not one it wrote."""
         state = pipeline.read_pipe_state(self.registry.directory, copy_id)
-        if not state or not isinstance(state.get('wrapper_pid'), int):
-            return False
-        return process_alive(state['wrapper_pid'], state.get('started'))
+        return bool(state) and process_alive(state['wrapper_pid'], state['started'])
 
     def _state_files(self, entry_ids: Set[str]) -> None:
         """Pipeline files without a live pipeline, and half-written files (a writer was
         killed between mkstemp and rename) of dead processes."""
-        try:
-            names = sorted(os.listdir(self.registry.directory))
-        except FileNotFoundError:
-            return
-        for name in names:
-            pipe, temp = _PIPE_FILE.match(name), _TEMP_ENTRY.match(name)
-            if pipe and pipe.group(1) not in entry_ids - self._removed:
-                if not self._pipeline_alive(pipe.group(1)):
+        for name in self.registry.files.names():
+            pipe, temp = STATE_NAME.match(name), TEMP_NAME.match(name)
+            if (pipe and pipe.group(2) != 'json'
+                    and pipe.group(1) not in entry_ids - self._removed):
+                try:
+                    alive = self._pipeline_alive(pipe.group(1))
+                except ForeignFile as exc:
+                    self._note('foreign', os.path.join(self.registry.directory, exc.name),
+                               'kept', exc.reason)
+                    continue
+                if not alive:
                     self._remove_file('pipefile', name, 'its copy and pipeline are gone')
-            elif temp and self._stale_temp(name, int(temp.group(1))):
+            elif temp and self._stale_temp(name, int(temp.group(2) or temp.group(3))):
                 self._remove_file('tempfile', name, 'its writer is gone')
+            elif BUDGET_NAME.match(name) and not process_alive(
+                    int(BUDGET_NAME.match(name).group(1)), None):
+                self._remove_file('budget', name, 'its process is gone (budget.py)')
 
     def _stale_temp(self, name: str, pid: int) -> bool:
         # The pid in the name is the copy's owner; a pipeline may outlive it and still be
         # writing, so only files older than any write are stale.
         try:
-            age = time.time() - os.stat(os.path.join(self.registry.directory, name)).st_mtime
+            age = time.time() - self.registry.files.lstat(name).st_mtime
         except FileNotFoundError:
             return False
         return age > _TEMP_MAX_AGE and not process_alive(pid, None)
 
     def _remove_file(self, kind: str, name: str, reason: str) -> None:
         path = os.path.join(self.registry.directory, name)
-        if self.dry_run:
-            self._note(kind, path, 'would remove', reason)
-            return
         try:
-            os.unlink(path)
+            regular = stat.S_ISREG(self.registry.files.lstat(name).st_mode)
         except FileNotFoundError:
             return
-        self._note(kind, path, 'removed', reason)
+        if not regular:
+            self._note('foreign', path, 'kept', 'not a regular file')
+        elif self.dry_run:
+            self._note(kind, path, 'would remove', reason)
+        elif self.registry.files.remove(name):
+            self._note(kind, path, 'removed', reason)
 
 
 def clean(registry: Registry, driver: Optional[CgroupDriver],

@@ -39,7 +39,8 @@ Ki, Mi, Gi, Ti (x1024), optionally followed by B and /s: 8388608, 8Mi, 8MiB/s, 1
 exit status:
   0    success
   1    the operation failed (copy failed or incomplete, throttling cannot work
-       on this host, cleanup could not remove something)
+       on this host, cleanup could not remove something), or the state
+       directory holds foreign files (status, cleanup: listed, left alone)
   2    bad arguments
   3    no active copy has the given id (set-limit)
   130  interrupted (Ctrl-C); 143 terminated (SIGTERM)
@@ -218,6 +219,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         fail('nothing can throttle copies here: no usable cgroup controller and no pv '
              'fallback (install pv)')
         return EXIT_FAILED
+    if not _check_coordination(args, ok, fail):
+        return EXIT_FAILED
     if args.src is None:
         _say('throttling works: %s' % ('cgroup backend' if cgroup_ok
                                        else 'pv fallback only'))
@@ -234,6 +237,44 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     _say('throttling works for %s -> %s: backend %s' % (args.src, args.dst, copy.backend))
     return EXIT_OK
+
+
+def _check_coordination(args: argparse.Namespace, ok: Callable[[str], None],
+                        fail: Callable[[str], None]) -> bool:
+    """Whether every shared copy budget's coordination (of the processes using the state
+    directory, or --coordination-url) answers."""
+    from cinder_cgroup_throttle import budget
+    targets = [(s['url'], s['group']) for s in budget.local_states(_registry(args).directory)]
+    if args.coordination_url:
+        targets.append((args.coordination_url, 'check'))
+    reachable = True
+    for url, group in targets:
+        try:
+            members = budget.probe(url, group)
+            ok('copy budget %s: coordination at %s reachable (%d hosts)'
+               % (group, budget.redact(url), len(members)))
+        except ThrottleError as exc:
+            fail('copy budget %s: %s; copies run at their local limits' % (group, exc))
+            reachable = False
+    return reachable
+
+
+def _budget_lines(views: List[Dict[str, Any]]) -> List[str]:
+    lines = []
+    for v in views:
+        lines.append('budget %s: %s shared through %s%s' % (
+            v['group'], format_rate(v['budget_bps']), v['url'],
+            '' if v['reachable'] else ' -- %s; copies here run at their local limits'
+            % v['error']))
+        rows = [['HOST', 'PID', 'COPY', 'LOCAL', 'SHARE']]
+        for h in v['hosts']:
+            rows += [[h['host'] or '-', str(h['pid']), c['id'],
+                      format_rate(c['local_bps']) if c['local_bps'] else 'no limit',
+                      _opt_rate(c['share_bps'])] for c in h['copies']]
+            if not h['copies']:
+                rows.append([h['host'] or '-', str(h['pid']), '-', '-', '-'])
+        lines += [table(rows), ''] if v['reachable'] else ['']
+    return lines
 
 
 def cmd_copy(args: argparse.Namespace) -> int:
@@ -267,16 +308,26 @@ def _copy_row(entry: Any, p: Progress) -> Dict[str, Any]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from cinder_cgroup_throttle import budget
     registry = _registry(args)
-    entries = registry.entries()
+    entries, foreign = registry.scan()
+    for exc in foreign:  # after the copies, which are still shown: exit 1
+        print('%s: error: %s' % (PROG, exc), file=sys.stderr)
+    code = EXIT_FAILED if foreign else EXIT_OK
     progress = snapshot(registry, entries, args.interval)
+    budgets = budget.views(registry.directory)
     if args.json:
-        print(json.dumps({'copies': [_copy_row(e, p) for e, p in zip(entries, progress)]},
-                         indent=2))
-        return EXIT_OK
+        rows = [_copy_row(e, p) for e, p in zip(entries, progress)]
+        found: Dict[str, Any] = {'copies': rows}
+        if budgets:  # shared copy budgets of processes using this state directory
+            found['budgets'] = budgets
+        print(json.dumps(found, indent=2))
+        return code
+    for line in _budget_lines(budgets):
+        _say(line)
     if not entries:
         _say('no active copies (registry %s)' % _registry(args).directory)
-        return EXIT_OK
+        return code
     rows = [['ID', 'VOLUME', 'BACKEND', 'LIMIT', 'DONE', 'TOTAL', '%', 'RATE', 'ETA',
              'OWNER', 'SRC -> DST']]
     for e, p in zip(entries, progress):
@@ -287,7 +338,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                      '%d%s' % (e.owner_pid, '' if e.owner_alive() else ' (dead)'),
                      '%s -> %s' % (e.src, e.dst)])
     _say(table(rows))
-    return EXIT_OK
+    return code
 
 
 def cmd_set_limit(args: argparse.Namespace) -> int:
@@ -312,7 +363,8 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         _say('nothing to clean up (registry %s%s)' % (
             _registry(args).directory,
             ', cgroup %s' % driver.parent_path if driver else ''))
-    return EXIT_FAILED if any(a.action == 'failed' for a in actions) else EXIT_OK
+    return EXIT_FAILED if any(a.action == 'failed' or a.kind == 'foreign'
+                              for a in actions) else EXIT_OK
 
 
 # -- parser ---------------------------------------------------------------------------------
@@ -343,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('src', nargs='?', metavar='SRC')
     p.add_argument('dst', nargs='?', metavar='DST')
     p.add_argument('--backend', choices=BACKENDS, default='auto')
+    p.add_argument('--coordination-url', metavar='URL',
+                   help='also check that this etcd3+http(s):// copy budget URL answers')
 
     p = command('copy', cmd_copy, 'copy SRC (block device or file) to DST at RATE, with a '
                 'progress bar on stderr and a summary')
@@ -381,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name, value in vars(args).items():
+        if isinstance(value, list):  # argparse turns "--opt=--" into []; no option is a list
+            args.parser.error('argument --%s: expected one value' % name.replace('_', '-'))
     if args.command == 'check' and args.dst is None and args.src is not None:
         args.parser.error('check takes SRC and DST together, or neither')
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
@@ -401,6 +458,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.debug:
             raise
         print('%s: error: %s' % (PROG, exc), file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # a bug: one line naming it; --debug shows the traceback
+        if args.debug:
+            raise
+        print('%s: internal error: %s: %s (run with --debug for details)'
+              % (PROG, type(exc).__name__, exc), file=sys.stderr)
         return EXIT_FAILED
 
 

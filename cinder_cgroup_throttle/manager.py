@@ -15,12 +15,13 @@ import threading
 import time
 from typing import Dict, Iterator, List, Optional
 
-from cinder_cgroup_throttle import cleanup, devices, pipeline, privileged, relimit
+from cinder_cgroup_throttle import budget, cleanup, devices, pipeline, privileged, relimit
 from cinder_cgroup_throttle.cgroups import CgroupDriver, DeviceLimit, placement
 from cinder_cgroup_throttle.cgroups.base import validate_cgroup_path
 from cinder_cgroup_throttle.exception import (CgroupUnavailable, CopyNotFound,
                                               ThrottleError)
-from cinder_cgroup_throttle.sharing import StaticLimits, device_limits, fair_shares
+from cinder_cgroup_throttle.sharing import (StaticLimits, device_limits, fair_shares,
+                                            pipe_rate)
 from cinder_cgroup_throttle.registry import Entry, Registry, process_start_time
 from cinder_cgroup_throttle.statefiles import new_copy_id
 from cinder_cgroup_throttle.units import format_rate
@@ -50,6 +51,7 @@ class ActiveCopy:
     volume_id: Optional[str] = None
     total_bytes: Optional[int] = None
     requested_bps: int = 0  # its own limit; bps_limit is lower under a host-wide cap
+    budget_bps: Optional[int] = None  # its share of the backend's budget (budget.py)
 
 
 def pipe_command() -> Optional[str]:
@@ -77,7 +79,8 @@ class CopyManager:
                  driver: Optional[CgroupDriver] = None, backend: str = 'auto',
                  allow_unthrottled: bool = False,
                  registry: Optional[Registry] = None, host_bps_limit: int = 0,
-                 static: StaticLimits = StaticLimits()) -> None:
+                 static: StaticLimits = StaticLimits(),
+                 budget_config: Optional[budget.BudgetConfig] = None) -> None:
         if backend not in BACKENDS:
             raise ThrottleError('backend must be one of %s, not %r'
                                 % ('|'.join(BACKENDS), backend))
@@ -103,8 +106,19 @@ class CopyManager:
         self._owner_start = process_start_time(os.getpid())
         # A predecessor killed mid-copy (kill -9) left leaves, limits and entries behind.
         cleanup.clean_at_start(self.registry, self.driver)
+        self.budget: Optional[budget.CopyBudget] = None
+        if budget_config is not None:  # shared with the other hosts of the backend
+            self.budget = budget.CopyBudget(budget_config, self._local_rates,
+                                            self._apply_budget, self.registry.directory)
+            self.budget.start()
 
-    def _choose_backend(self, src: str, dst: str, limits: List[DeviceLimit]) -> tuple:
+    def close(self) -> None:
+        """Leave the backend's budget (copies still running keep their rates)."""
+        if self.budget is not None:
+            self.budget.stop()
+
+    def _choose_backend(self, src: str, dst: str, limits: List[DeviceLimit],
+                        bps: int) -> tuple:
         """(backend, reason) for one copy; raises when the operator's choice cannot serve."""
         if self.backend != 'pv':
             if self.driver is not None and limits:
@@ -117,13 +131,17 @@ class CopyManager:
                                     % (src, dst, why))
         else:
             why = 'backend pv chosen by the operator'
-        if pipe_command() and shutil.which('pv'):
+        if not (pipe_command() and shutil.which('pv')):
+            why += ', and the pv fallback is not available (install pv and this ' \
+                'package\'s %s)' % PIPE_COMMAND
+        elif not pipe_rate(bps, limits):
+            why += ', and only IOPS limits apply, which the pv fallback cannot enforce ' \
+                '(set volume_copy_read_bps_limit or volume_copy_write_bps_limit too)'
+        else:
             return 'pv', why
         if self.allow_unthrottled:
-            return 'none', why + '; pv is not installed and unthrottled copies are allowed'
-        raise ThrottleError('cannot throttle %s -> %s: %s, and the pv fallback is not '
-                            'available (install pv and this package\'s %s)'
-                            % (src, dst, why, PIPE_COMMAND))
+            return 'none', why + '; unthrottled copies are allowed'
+        raise ThrottleError('cannot throttle %s -> %s: %s' % (src, dst, why))
 
     @contextlib.contextmanager
     def copy(self, src: str, dst: str, bps_limit: int,
@@ -137,23 +155,34 @@ class CopyManager:
         src_dev = devices.resolve(src, must_exist=True)
         dst_dev = devices.resolve(dst, must_exist=False)
         requested, bps_limit = bps_limit, self._first_share(bps_limit)
+        copy_id = new_copy_id()
+        budget_bps = self.budget.admit(copy_id, bps_limit) if self.budget else None
+        if budget_bps:
+            bps_limit = min(bps_limit, budget_bps) if bps_limit else budget_bps
         limits = device_limits(src_dev, dst_dev, bps_limit, self.static)
         if not bps_limit and not limits:
             # No rate configured, and the static per-direction limits meet no block device.
             backend, reason = 'none', 'no rate configured and no limit applies to its devices'
         else:
-            backend, reason = self._choose_backend(src, dst, limits)
-        copy_id = new_copy_id()
+            try:
+                backend, reason = self._choose_backend(src, dst, limits, bps_limit)
+            except ThrottleError:
+                if self.budget:
+                    self.budget.release(copy_id)
+                raise
         copy = ActiveCopy(
             id=copy_id, src=src, dst=dst, src_dev=src_dev, dst_dev=dst_dev,
             bps_limit=bps_limit, backend=backend, reason=reason, prefix=[],
             limits=limits if backend == 'cgroup' else [], volume_id=volume_id,
-            total_bytes=total_bytes, requested_bps=requested)
+            total_bytes=total_bytes, requested_bps=requested, budget_bps=budget_bps)
         with contextlib.ExitStack() as stack:
+            if self.budget:  # last: when the copy and its entry are gone, or it failed
+                stack.callback(self.budget.release, copy_id)
             if backend == 'cgroup':
                 stack.enter_context(self._leaf(copy))
             elif backend == 'pv':
-                copy.prefix = [pipe_command(), '--id', copy_id, '--rate', str(bps_limit),
+                copy.prefix = [pipe_command(), '--id', copy_id, '--rate',
+                               str(pipe_rate(bps_limit, limits)),
                                '--state-dir', self.registry.directory, '--']
                 # The pipeline removes its state when it ends; not when it was killed.
                 stack.callback(pipeline.remove_state, self.registry.directory, copy_id)
@@ -174,9 +203,8 @@ class CopyManager:
     def _leaf(self, copy: ActiveCopy) -> Iterator[None]:
         driver = self.driver
         assert driver is not None
-        driver.create_leaf(copy.id)
+        driver.create_leaf(copy.id, copy.limits)
         try:
-            driver.write_limits(copy.id, copy.limits)
             copy.prefix = driver.prefix(copy.id)
             yield
         finally:
@@ -210,7 +238,8 @@ class CopyManager:
                     if driver else None),
             mountpoint=driver.mountpoint if driver else None,
             total_bytes=copy.total_bytes,
-            extra=relimit.policy_extra(copy.requested_bps, self.host_bps_limit, self.static))
+            extra=dict(relimit.policy_extra(copy.requested_bps, self.host_bps_limit,
+                                            self.static), budget_bps=copy.budget_bps))
 
     def active(self) -> List[ActiveCopy]:
         with self._lock:
@@ -245,9 +274,25 @@ class CopyManager:
                     continue
                 copy.requested_bps = int(entry.extra.get('requested_bps', copy.requested_bps))
                 copy.bps_limit = entry.bps_limit
+                copy.budget_bps = entry.extra.get('budget_bps')
                 if copy.backend == 'cgroup':
                     copy.limits = device_limits(copy.src_dev, copy.dst_dev, copy.bps_limit,
                                                 self.static)
+
+    def _local_rates(self) -> Dict[str, int]:
+        """What each throttled copy of this process could use without the budget: its
+        own limit within the host cap (0 = unlimited). From the registry, so that a
+        set-limit from the CLI counts."""
+        entries = [e for e in self.registry.entries()
+                   if e.owner_pid == os.getpid() and e.backend in ('cgroup', 'pv')]
+        return fair_shares({e.id: int(e.extra.get('requested_bps', e.bps_limit))
+                            for e in entries}, self.host_bps_limit)
+
+    def _apply_budget(self, shares: Dict[str, Optional[int]]) -> List[str]:
+        """Put budget shares in force (None: the local rate); the copies it found."""
+        entries = relimit.rebalance(self.registry, budgets=shares)
+        self._sync(entries)
+        return [e.id for e in entries if e.id in shares]
 
     def set_limit(self, ident: str, bps_limit: int) -> ActiveCopy:
         """Change a running copy's rate (by copy id or volume id) as the CLI does; it is

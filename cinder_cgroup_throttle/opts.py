@@ -21,6 +21,7 @@ from cinder_cgroup_throttle.units import parse_rate
 #: Cinder's group of values shared by all backend sections.
 SHARED_GROUP = 'backend_defaults'
 DEFAULT_METADATA_KEY = 'volume_copy_bps_limit'
+DEFAULT_MIN_BPS = 2**20  # 1 MiB/s
 
 
 class Rate(types.ConfigType):
@@ -75,6 +76,16 @@ throttle_opts = [
                  'this total, re-balanced when copies start and end. Set it, with '
                  'volume_copy_bps_limit = 0, to get Cinder\'s built-in behaviour (one '
                  'total split across copies). 0 => no host-wide cap.'),
+    cfg.Opt('volume_copy_backend_bps_limit', type=Rate(), default=0,
+            help='Total bytes/s for all copies against this storage backend from every '
+                 'cinder-volume host that serves it, shared through [copy_budget] '
+                 '(tooz with etcd). Each copy gets the smaller of its own limit (within '
+                 'volume_copy_host_bps_limit) and a max-min fair share of this budget. '
+                 'Needs [copy_budget] enabled = true. 0 => no shared budget.'),
+    cfg.StrOpt('volume_copy_budget_name',
+               help='Name of the shared budget: hosts with the same name share one '
+                    'budget. Default: volume_backend_name, else the backend section '
+                    'name.'),
     cfg.StrOpt('volume_copy_throttle_backend', default='auto',
                choices=[('auto', 'a cgroup when one can throttle the copy, else pv'),
                         ('cgroup', 'a blkio/io cgroup per copy; a copy that no cgroup '
@@ -87,8 +98,13 @@ throttle_opts = [
     cfg.StrOpt('volume_copy_bps_limit_metadata_key', default=DEFAULT_METADATA_KEY,
                help='Volume metadata key holding a per-volume copy rate (bytes/s or '
                     'with units). A value in user metadata can only lower the limit '
-                    'set here; a value in admin metadata replaces it. Empty => '
-                    'metadata is not consulted.'),
+                    'set here, never below volume_copy_min_bps_limit, and never for a '
+                    'delete wipe or an admin-started migration; a value in admin '
+                    'metadata replaces it. Empty => metadata is not consulted.'),
+    cfg.Opt('volume_copy_min_bps_limit', type=Rate(), default=DEFAULT_MIN_BPS,
+            help='Floor for rates from user (tenant) metadata: a lower value counts as '
+                 'this one, so a tenant cannot stall a copy. Units as for '
+                 'volume_copy_read_bps_limit. 0 => no floor.'),
 ]
 
 # Read by cinder_hook.ThrottledDriver, the one-line way to enable the throttle.
@@ -102,6 +118,30 @@ hook_opts = [
 
 ALL_OPTS = cinder_opts + throttle_opts + hook_opts
 
+BUDGET_GROUP = 'copy_budget'
+budget_opts = [
+    cfg.BoolOpt('enabled', default=False,
+                help='Share volume_copy_backend_bps_limit among the cinder-volume hosts '
+                     'of each backend that sets it.'),
+    cfg.StrOpt('backend_url', secret=True,
+               help='tooz coordination URL, etcd3+http://HOST:PORT or etcd3+https://... '
+                    '(the etcd3gw driver). Default: [coordination] backend_url.'),
+    cfg.StrOpt('host',
+               help='Name of this host in the budget\'s membership (shown by status). '
+                    'Default: the host option, else the hostname.'),
+    cfg.IntOpt('lease_ttl', default=10, min=4,
+               help='Seconds within which the copies of a host that died (or lost '
+                    'etcd) stop counting and the other hosts share its part of the '
+                    'budget. Its etcd lease is shorter by poll_interval + 1 s.'),
+    cfg.FloatOpt('poll_interval', default=0.5, min=0.05, max=10,
+                 help='Seconds between reads of the backend\'s copies while this host '
+                      'runs copies: how fast shares follow copies starting or ending '
+                      'on other hosts.'),
+    cfg.IntOpt('timeout', default=2, min=1,
+               help='Seconds an etcd request may take before this host falls back to '
+                    'local limits.'),
+]
+
 
 def register_opts(conf: cfg.ConfigOpts, backend_group: Optional[str] = None) -> None:
     """Register every option in [DEFAULT], [backend_defaults] and the backend's section.
@@ -110,8 +150,11 @@ def register_opts(conf: cfg.ConfigOpts, backend_group: Optional[str] = None) -> 
     """
     for group in (None, SHARED_GROUP, backend_group):
         conf.register_opts(ALL_OPTS, group=group)  # re-registering equal opts is a no-op
+    conf.register_opts(budget_opts, group=BUDGET_GROUP)
 
 
 def list_opts() -> List[Tuple[str, Sequence[cfg.Opt]]]:
     """Entry point for oslo-config-generator (namespace ``cinder_cgroup_throttle``)."""
-    return [(SHARED_GROUP, ALL_OPTS)]
+    from cinder_cgroup_throttle import privsep  # here: it imports eventlet
+    return [(SHARED_GROUP, ALL_OPTS), (BUDGET_GROUP, budget_opts),
+            (privsep.SECTION, privsep.list_opts())]

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import json
 import os
 import pwd
 import re
@@ -40,7 +39,8 @@ import tempfile
 import time
 from typing import IO, Dict, Iterator, List, Optional, Sequence
 
-from cinder_cgroup_throttle.statefiles import COPY_ID, write_json
+from cinder_cgroup_throttle.exception import ThrottleError
+from cinder_cgroup_throttle.statefiles import COPY_ID, ForeignFile, StateDir
 
 USAGE = ('usage: cinder-cgroup-throttle-pipe --id ID --rate BYTES_PER_SECOND '
          '--state-dir DIR -- [ionice -cN [-nN]] dd OPERAND... | qemu-img convert ARG...')
@@ -79,8 +79,8 @@ def parse_args(argv: Sequence[str]) -> tuple:
     copy_id, rate, state_dir, command = argv[1], argv[3], argv[5], argv[7:]
     if not COPY_ID.match(copy_id):
         raise Refused('invalid --id %r: expected copy-<pid>-<8 hex digits>' % copy_id)
-    if not rate.isdigit() or int(rate) <= 0:
-        raise Refused('invalid --rate %r: expected a positive number of bytes/s' % rate)
+    if not re.match(r'^[1-9][0-9]{0,19}\Z', rate) or int(rate) >= 2**64:
+        raise Refused('invalid --rate %.40r: expected bytes/s from 1 to 2**64-1' % rate)
     if not os.path.isabs(state_dir) or '..' in state_dir.split('/'):
         raise Refused('invalid --state-dir %r: expected an absolute path without ".."'
                       % state_dir)
@@ -92,9 +92,9 @@ def split_ionice(command: List[str]) -> tuple:
     if not command or command[0] != 'ionice':
         return [], command
     n = 1
-    if len(command) > n and re.match(r'^-c[0-3]$', command[n]):
+    if len(command) > n and re.match(r'^-c[0-3]\Z', command[n]):
         n += 1
-        if len(command) > n and re.match(r'^-n[0-7]$', command[n]):
+        if len(command) > n and re.match(r'^-n[0-7]\Z', command[n]):
             n += 1
     else:
         raise Refused('ionice must be followed by -c0..-c3 (optionally -n0..-n7), got %r'
@@ -120,7 +120,7 @@ def parse_dd(argv: List[str]) -> Dict[str, str]:
     for key in ('if', 'of', 'bs'):
         if key not in ops:
             raise Refused('dd needs %s=' % key)
-    if 'count' in ops and not ops['count'].isdigit():
+    if 'count' in ops and not re.match(r'^[0-9]{1,20}\Z', ops['count']):
         raise Refused('dd count=%s must be a number' % ops['count'])
     return ops
 
@@ -159,12 +159,38 @@ def plan(command: List[str], rate: int) -> List[Stage]:
 
 
 # -- state files ------------------------------------------------------------------------
-def pipe_state_path(state_dir: str, copy_id: str) -> str:
-    return os.path.join(state_dir, copy_id + '.pipe.json')
+def _pipe_name(copy_id: str) -> str:
+    return copy_id + '.pipe.json'
 
 
-def rate_request_path(state_dir: str, copy_id: str) -> str:
-    return os.path.join(state_dir, copy_id + '.rate')
+def _rate_name(copy_id: str) -> str:
+    return copy_id + '.rate'
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int and 0 <= v < 2**64
+
+
+def _is_number(v: object) -> bool:
+    return type(v) in (int, float) and 0 <= v < 2**63  # type: ignore[operator]
+
+
+#: Type checks of pipe.json (written by :meth:`Pipeline.state`); other fields are refused.
+PIPE_STATE_CHECKS = {
+    'id': lambda v: isinstance(v, str) and bool(COPY_ID.match(v)),
+    'tool': lambda v: v in ('dd', 'qemu-img'),
+    'wrapper_pid': lambda v: _is_int(v) and 0 < v,
+    'pids': lambda v: type(v) is dict and all(isinstance(k, str) and _is_int(p)
+                                              for k, p in v.items()),
+    'pv_pid': lambda v: v is None or _is_int(v),
+    'rate': lambda v: _is_int(v) and 0 < v,
+    'relimit': lambda v: type(v) is bool,
+    'rate_error': lambda v: v is None or isinstance(v, str),
+    'bytes': lambda v: v is None or _is_int(v),
+    'total_bytes': lambda v: v is None or _is_int(v),
+    'started': _is_number,
+    'updated': _is_number,
+}
 
 
 @contextlib.contextmanager
@@ -191,12 +217,20 @@ def as_caller() -> Iterator[None]:
 
 
 def read_pipe_state(state_dir: str, copy_id: str) -> Optional[dict]:
-    """The pipeline's published state (format in the module doc of this file), or None."""
+    """The pipeline's published state (:data:`PIPE_STATE_CHECKS`), None when there is
+    none; ForeignFile when the file is not one a pipeline wrote."""
+    name = _pipe_name(copy_id)
     try:
-        with open(pipe_state_path(state_dir, copy_id)) as f:
-            return json.load(f)
-    except (FileNotFoundError, ValueError):
+        state = StateDir(state_dir).read_json(name)
+    except FileNotFoundError:
         return None
+    if set(state) != set(PIPE_STATE_CHECKS) or state['id'] != copy_id:
+        raise ForeignFile(state_dir, name, 'not a pipeline state')
+    for key, check in PIPE_STATE_CHECKS.items():
+        if not check(state[key]):
+            raise ForeignFile(state_dir, name, 'field %r: invalid value %.60r'
+                              % (key, state[key]))
+    return state
 
 
 def request_rate(state_dir: str, copy_id: str, bps: int,
@@ -209,14 +243,15 @@ def request_rate(state_dir: str, copy_id: str, bps: int,
     """
     if bps <= 0:
         raise ValueError('rate must be a positive number of bytes/s, not %r' % bps)
+    files = StateDir(state_dir)
     state = read_pipe_state(state_dir, copy_id)
     if state is None:
-        write_json(rate_request_path(state_dir, copy_id), {'rate': bps})
+        files.write_json(_rate_name(copy_id), {'rate': bps})
         return None
-    if not state.get('relimit'):
+    if not state['relimit']:
         raise RuntimeError('copy %s (%s) cannot change its rate while running'
-                           % (copy_id, state.get('tool')))
-    write_json(rate_request_path(state_dir, copy_id), {'rate': bps})
+                           % (copy_id, state['tool']))
+    files.write_json(_rate_name(copy_id), {'rate': bps})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = read_pipe_state(state_dir, copy_id)
@@ -234,9 +269,9 @@ def request_rate(state_dir: str, copy_id: str, bps: int,
 def remove_state(state_dir: str, copy_id: str) -> None:
     """Remove a copy's pipe state and rate request (the pipeline does it when it ends;
     its owner too, in case the pipeline was killed)."""
-    for path in (pipe_state_path(state_dir, copy_id), rate_request_path(state_dir, copy_id)):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    files = StateDir(state_dir)
+    for name in (_pipe_name(copy_id), _rate_name(copy_id)):
+        files.remove(name)
 
 
 def _proc_io(pid: int, key: str) -> Optional[int]:
@@ -265,6 +300,7 @@ class Pipeline:
     def __init__(self, copy_id: str, rate: int, state_dir: str, stages: List[Stage],
                  total: Optional[int]) -> None:
         self.copy_id, self.rate, self.state_dir = copy_id, rate, state_dir
+        self.files = StateDir(state_dir)
         self.stages, self.total = stages, total
         self.pv = next((s for s in stages if s.name == 'pv'), None)
         self.started = time.time()
@@ -314,19 +350,21 @@ class Pipeline:
     def publish(self) -> None:
         state = self.state()
         with as_caller():
-            write_json(pipe_state_path(self.state_dir, self.copy_id), state)
+            self.files.write_json(_pipe_name(self.copy_id), state)
 
     def apply_rate_request(self) -> None:
-        path = rate_request_path(self.state_dir, self.copy_id)
+        name = _rate_name(self.copy_id)
         with as_caller():
             try:
-                mtime = os.stat(path).st_mtime
+                mtime = self.files.lstat(name).st_mtime
                 if mtime == self._request_mtime:
                     return
                 self._request_mtime = mtime
-                with open(path) as f:
-                    wanted = json.load(f).get('rate')
-            except (OSError, ValueError, AttributeError):
+                wanted = self.files.read_json(name).get('rate')
+            except FileNotFoundError:
+                return
+            except (OSError, ForeignFile) as exc:  # ForeignFile: a ThrottleError
+                self.rate_error = 'ignored rate request: %s' % exc
                 return
         if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted <= 0:
             self.rate_error = 'ignored rate request %r: not a positive integer' % (wanted,)
@@ -392,6 +430,8 @@ def run(argv: Sequence[str]) -> int:
             total = int(ops['count'])
     if not os.path.isdir(state_dir):
         raise Refused('--state-dir %s is not a directory' % state_dir)
+    with as_caller(), StateDir(state_dir).fd():
+        pass  # StateDirError unless it is a directory the ownership model allows
     pipeline = Pipeline(copy_id, rate, state_dir, stages, total)
 
     def terminate(signum, frame):
@@ -425,7 +465,7 @@ def run(argv: Sequence[str]) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv)
-    except Refused as exc:
+    except (Refused, ThrottleError) as exc:  # ThrottleError: an unsafe state directory
         sys.stderr.write('cinder-cgroup-throttle-pipe: %s\n' % exc)
         return 2
     except OSError as exc:  # a stage could not be started (pv not installed, ...)

@@ -6,18 +6,23 @@ Configuration lookup, per option: the backend's section, then ``[backend_default
 (Cinder's ``value or CONF.value`` cannot express that).
 
 Metadata: users may set volume metadata, so a rate in user metadata can only *lower* the
-operator's limit; a rate in admin metadata (settable only with admin rights) replaces it.
-An invalid value is logged and ignored: metadata never fails a copy.
+operator's limit, never below the operator's floor (``volume_copy_min_bps_limit``); a rate
+in admin metadata (settable only with admin rights) replaces it. Which of them apply
+depends on the kind of copy (:data:`LIMIT_SOURCES`): a tenant must not stall the wipe of a
+deleted volume or an admin's migration. An invalid value is logged and ignored: metadata
+never fails a copy.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterable, Mapping, Optional
+import socket
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 from oslo_config import cfg
 
 from cinder_cgroup_throttle import opts
+from cinder_cgroup_throttle.budget import BudgetConfig
 from cinder_cgroup_throttle.exception import InvalidRate
 from cinder_cgroup_throttle.sharing import StaticLimits
 from cinder_cgroup_throttle.units import format_rate, parse_rate
@@ -25,6 +30,26 @@ from cinder_cgroup_throttle.units import format_rate, parse_rate
 LOG = logging.getLogger(__name__)
 
 _NOT_SET = (cfg.Locations.opt_default, cfg.Locations.set_default)
+
+#: Copy kinds; cinder_hook tells them by the Cinder method that started the copy.
+WIPE = 'wipe'            # delete_volume: the wipe of a deleted volume
+MIGRATION = 'migration'  # migration or retype started with an admin context
+RETYPE = 'retype'        # migration or retype started by a tenant (non-admin context)
+CLONE = 'clone'          # clone, volume from snapshot or backup
+IMAGE = 'image'          # image to volume, volume to image
+OTHER = 'other'          # started by no method the hook knows (e.g. the CLI)
+
+#: Per copy kind, the per-volume sources that may change the operator's rate, in order:
+#: 'admin' = admin metadata (replaces it), 'user' = user metadata (only lowers it, never
+#: below the floor). The operator's options always apply. doc/limits.md has this table.
+LIMIT_SOURCES: Dict[str, Tuple[str, ...]] = {
+    WIPE: ('admin',),
+    MIGRATION: ('admin',),
+    RETYPE: ('admin', 'user'),
+    CLONE: ('admin', 'user'),
+    IMAGE: ('admin', 'user'),
+    OTHER: ('admin', 'user'),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +63,8 @@ class ThrottleConfig:
     backend: str = 'auto'
     allow_unthrottled: bool = False
     metadata_key: str = opts.DEFAULT_METADATA_KEY
+    min_bps: int = opts.DEFAULT_MIN_BPS
+    budget: Optional[BudgetConfig] = None  # shared with the backend's other hosts
 
 
 def lookup(conf: cfg.ConfigOpts, name: str, backend_group: Optional[str] = None) -> Any:
@@ -62,7 +89,8 @@ def load_config(conf: cfg.ConfigOpts, backend_group: Optional[str] = None) -> Th
         return lookup(conf, name, backend_group)
 
     return ThrottleConfig(
-        bps_limit=get('volume_copy_bps_limit'),
+        # Cinder's IntOpt: no bounds (a negative or >= 2**64 value is refused here).
+        bps_limit=parse_rate(get('volume_copy_bps_limit'), 'volume_copy_bps_limit'),
         static=StaticLimits(read_bps=get('volume_copy_read_bps_limit'),
                             write_bps=get('volume_copy_write_bps_limit'),
                             read_iops=get('volume_copy_read_iops_limit'),
@@ -71,7 +99,35 @@ def load_config(conf: cfg.ConfigOpts, backend_group: Optional[str] = None) -> Th
         cgroup_name=get('volume_copy_blkio_cgroup_name'),
         backend=get('volume_copy_throttle_backend'),
         allow_unthrottled=get('volume_copy_allow_unthrottled'),
-        metadata_key=(get('volume_copy_bps_limit_metadata_key') or '').strip())
+        metadata_key=(get('volume_copy_bps_limit_metadata_key') or '').strip(),
+        min_bps=get('volume_copy_min_bps_limit'),
+        budget=budget_config(conf, backend_group, get('volume_copy_backend_bps_limit'),
+                             get('volume_copy_budget_name')))
+
+
+def _cinder_option(conf: cfg.ConfigOpts, name: str, group: Optional[str] = None) -> Any:
+    """An option Cinder registers (None where it is not registered: CLI, tests)."""
+    try:
+        return conf[group][name] if group else conf[name]
+    except (cfg.NoSuchOptError, cfg.NoSuchGroupError, KeyError):
+        return None
+
+
+def budget_config(conf: cfg.ConfigOpts, backend_group: Optional[str], bps_limit: int,
+                  name: Optional[str]) -> Optional[BudgetConfig]:
+    """The backend's shared budget, None unless [copy_budget] is enabled and the backend
+    has a budget; raises ThrottleError naming what is missing or wrong."""
+    section = conf[opts.BUDGET_GROUP]
+    if not (section.enabled and bps_limit):
+        return None
+    url = section.backend_url or _cinder_option(conf, 'backend_url', 'coordination')
+    name = (name or (_cinder_option(conf, 'volume_backend_name', backend_group)
+                     if backend_group else None) or backend_group or 'DEFAULT')
+    return BudgetConfig(url=url or '', group=name, bps_limit=bps_limit,
+                        host=section.host or _cinder_option(conf, 'host')
+                        or socket.gethostname(),
+                        lease_ttl=section.lease_ttl, poll_interval=section.poll_interval,
+                        timeout=section.timeout)
 
 
 def _metadata(volume: Any, attr: str) -> Mapping[str, str]:
@@ -109,13 +165,18 @@ def _parse_metadata_rate(volume: Any, where: str, key: str,
         return None
 
 
-def volume_bps_limit(volume: Any, operator_bps: int, key: str) -> int:
-    """The rate for copies of ``volume``: 0 means unlimited (as in the options)."""
+def volume_bps_limit(volume: Any, operator_bps: int, key: str,
+                     sources: Tuple[str, ...] = LIMIT_SOURCES[OTHER],
+                     min_bps: int = 0) -> int:
+    """The rate for copies of ``volume``: 0 means unlimited (as in the options).
+
+    ``sources``: the per-volume sources that apply (:data:`LIMIT_SOURCES`); ``min_bps``:
+    the floor under a rate from user metadata."""
     if not key:
         return operator_bps
     vid = volume_id(volume)
     limit = operator_bps
-    admin = _metadata(volume, 'admin_metadata').get(key)
+    admin = _metadata(volume, 'admin_metadata').get(key) if 'admin' in sources else None
     if admin is not None:
         parsed = _parse_metadata_rate(volume, 'admin metadata', key, admin)
         if parsed is not None:
@@ -123,8 +184,17 @@ def volume_bps_limit(volume: Any, operator_bps: int, key: str) -> int:
             LOG.info('volume %s: admin metadata %s sets the copy limit to %s', vid, key,
                      format_rate(limit) if limit else 'unlimited')
     user = _metadata(volume, 'metadata').get(key)
+    if user is not None and 'user' not in sources:
+        LOG.info('volume %s: metadata %s does not apply to this copy; the operator\'s '
+                 'limit does', vid, key)
+        user = None
     if user is not None:
         parsed = _parse_metadata_rate(volume, 'metadata', key, user)
+        if parsed and parsed < min_bps:
+            LOG.warning('volume %s: metadata %s=%r is below the operator\'s floor '
+                        'volume_copy_min_bps_limit; using %s', vid, key, user,
+                        format_rate(min_bps))
+            parsed = min_bps
         if parsed is None:
             pass
         elif parsed and (not limit or parsed < limit):
@@ -138,10 +208,13 @@ def volume_bps_limit(volume: Any, operator_bps: int, key: str) -> int:
     return limit
 
 
-def copy_bps_limit(volumes: Iterable[Any], operator_bps: int, key: str) -> int:
-    """The rate of a copy touching ``volumes`` (e.g. both sides of a migration): the
-    lowest of their limits, so each volume's owner gets at most what they asked for."""
-    limits = [volume_bps_limit(v, operator_bps, key) for v in volumes]
+def copy_bps_limit(volumes: Iterable[Any], operator_bps: int, key: str,
+                   kind: str = OTHER, min_bps: int = 0) -> int:
+    """The rate of a copy of ``kind`` touching ``volumes`` (e.g. both sides of a
+    migration): the lowest of their limits, so each volume's owner gets at most what they
+    asked for."""
+    sources = LIMIT_SOURCES[kind]
+    limits = [volume_bps_limit(v, operator_bps, key, sources, min_bps) for v in volumes]
     if not limits:
         return operator_bps
     return min((lim for lim in limits if lim), default=0)

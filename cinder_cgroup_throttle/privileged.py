@@ -16,14 +16,15 @@ delegated to another owner). Leftover processes in a leaf are root's own (dd and
 run through sudo), so killing them needs no CAP_KILL; nothing needs CAP_SYS_ADMIN.
 
 When not root, CopyManager wraps its cgroup driver in :class:`PrivilegedDriver`: reads stay
-direct; create-leaf, write-limits and one removal attempt per call go to the daemon, which
-validates every argument again and runs the very driver code a root cinder-volume runs (one
-write per limit, rmdir and never cgdelete, leftover processes killed only from inside the
-leaf). The daemon keeps its drivers for the life of the service, so the parent cgroup is
-removed with its last leaf exactly when the daemon created it. Waiting for a busy leaf
-happens on the caller's side (green under eventlet); each call into root has a deadline
-(``privsep.CALL_TIMEOUT``, ``privsep.START_TIMEOUT``) and fails with PrivilegedTimeout or
-PrivilegedHelperError, never by hanging.
+direct; create-leaf (with its limits: one call per copy start), write-limits and one
+removal attempt per call go to the daemon, which validates every argument again and runs
+the very driver code a root cinder-volume runs (one write per limit, rmdir and never
+cgdelete, leftover processes killed only from inside the leaf). The daemon keeps its
+drivers for the life of the service, so the parent cgroup is removed with its last leaf
+exactly when the daemon created it. Waiting for a busy leaf happens on the caller's side
+(green under eventlet); each call into root has a deadline (``privsep.CALL_TIMEOUT``,
+``privsep.START_TIMEOUT``) and fails with PrivilegedTimeout or PrivilegedHelperError,
+never by hanging.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from cinder_cgroup_throttle.statefiles import COPY_ID
 
 DEFAULT_ROOT_HELPER = ['sudo', 'cinder-rootwrap', '/etc/cinder/rootwrap.conf']
 MAX_LIMITS = 16  # devices per write_limits call (a copy has at most two)
+MAX_COUNT = 2**64 - 1  # the kernel's limits are u64
 _KEYS = ('rbps', 'wbps', 'riops', 'wiops')
 
 
@@ -56,6 +58,11 @@ def default_root_helper() -> List[str]:
 def _privsep() -> ModuleType:
     from cinder_cgroup_throttle import privsep  # noqa: F811  (lazy: see privsep's doc)
     return privsep
+
+
+def _rows(limits: Iterable[DeviceLimit]) -> List[List[str]]:
+    """Limits as strings, as on a command line: the daemon validates them as such."""
+    return [[lim.device.majmin] + [str(getattr(lim, k)) for k in _KEYS] for lim in limits]
 
 
 class PrivilegedDriver:
@@ -76,15 +83,12 @@ class PrivilegedDriver:
     def _args(self, leaf: str) -> Tuple[str, str, str]:
         return self._driver.controller, self._driver.parent, leaf
 
-    def create_leaf(self, leaf: str) -> str:
-        return _privsep().create_leaf(*self._args(leaf))
+    def create_leaf(self, leaf: str, limits: Iterable[DeviceLimit] = ()) -> str:
+        return _privsep().create_leaf(*self._args(leaf), _rows(limits))
 
     def write_limits(self, leaf: str, limits: Iterable[DeviceLimit],
                      previous: Iterable[DeviceLimit] = ()) -> None:
-        # Strings, as on a command line: the daemon validates them as such.
-        rows = [[[lim.device.majmin] + [str(getattr(lim, k)) for k in _KEYS]
-                 for lim in group] for group in (limits, previous)]
-        _privsep().write_limits(*self._args(leaf), *rows)
+        _privsep().write_limits(*self._args(leaf), _rows(limits), _rows(previous))
 
     def try_remove_leaf(self, leaf: str, kill: bool = False) -> Tuple[bool, List[int]]:
         gone, killed = _privsep().try_remove_leaf(*self._args(leaf), kill)
@@ -106,15 +110,18 @@ _DRIVERS: Dict[str, CgroupDriver] = {}  # per parent, for the daemon's life (own
 
 
 def _count(value: str, what: str) -> int:
-    if not value.isdigit():
-        raise ThrottleError('%s must be a non-negative integer, not %r' % (what, value))
+    if not re.match(r'^[0-9]{1,20}\Z', value) or int(value) > MAX_COUNT:
+        raise ThrottleError('%s must be an integer from 0 to %d, not %.40r'
+                            % (what, MAX_COUNT, value))
     return int(value)
 
 
 def _device(majmin: str) -> devices.BlockDevice:
-    match = re.match(r'^([0-9]+):([0-9]+)$', majmin)
-    if not match:
-        raise ThrottleError('device must be MAJ:MIN, not %r' % majmin)
+    # Linux dev_t: 12-bit major, 20-bit minor (os.makedev overflows beyond).
+    match = re.match(r'^([0-9]{1,4}):([0-9]{1,7})\Z', majmin)
+    if not match or int(match.group(1)) >= 2**12 or int(match.group(2)) >= 2**20:
+        raise ThrottleError('device must be MAJ:MIN (major < 4096, minor < 1048576), '
+                            'not %.40r' % majmin)
     # Also proves it is a whole disk known to sysfs (a partition maps to another number).
     disk = devices.whole_disk(os.makedev(int(match.group(1)), int(match.group(2))))
     if disk.majmin != majmin:
@@ -155,8 +162,10 @@ def _limits(rows: Any) -> List[DeviceLimit]:
     return out
 
 
-def create_leaf(controller: str, parent: str, leaf: str) -> str:
-    return _leaf_driver(controller, parent, leaf).create_leaf(leaf)
+def create_leaf(controller: str, parent: str, leaf: str,
+                limits: Sequence[Sequence[str]]) -> str:
+    driver = _leaf_driver(controller, parent, leaf)
+    return driver.create_leaf(leaf, _limits(limits))  # checked before anything is made
 
 
 def write_limits(controller: str, parent: str, leaf: str, limits: Sequence[Sequence[str]],

@@ -9,6 +9,7 @@ errors. How the daemon is started and why it holds CAP_DAC_OVERRIDE only: see
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -63,9 +64,9 @@ class _TimedRootwrapChannel(daemon._ClientChannel):
                 stderr.close()
             if status != 0:
                 raise PrivilegedHelperError(
-                    'the privsep daemon did not start: %s exited %d (rootwrap prints '
-                    '"Unauthorized command" when no filter admits it: see '
-                    'doc/deployment.md)' % (shlex.join(cmd), status))
+                    'the privsep daemon did not start: %s exited %d (cinder-rootwrap: 99 '
+                    'no filter admits it, 96 privsep-helper is not in exec_dirs; sudo: 1; '
+                    'see doc/deployment.md)' % (shlex.join(cmd), status))
             listen_sock.settimeout(max(0.1, deadline - time.monotonic()))
             try:
                 sock, _addr = listen_sock.accept()
@@ -104,6 +105,38 @@ default = _Context(__name__, cfg_section=SECTION, pypath=__name__ + '.default',
                    capabilities=CAPABILITIES, logger_name=__name__, timeout=CALL_TIMEOUT)
 
 
+def list_opts() -> List[Any]:
+    """The daemon's options ([privsep_cinder_cgroup_throttle] in cinder.conf, read by the
+    daemon from root-owned files) with this context's defaults, for the sample config."""
+    out = copy.deepcopy(priv_context.OPTS)
+    for opt in out:
+        if opt.name == 'capabilities':
+            opt.default = list(CAPABILITIES)
+            opt.sample_default = ','.join(capabilities.CAPS_BYVALUE[c] for c in CAPABILITIES)
+        elif opt.name == 'logger_name':
+            opt.default = __name__
+    return out
+
+
+def _drop_dead_channel() -> bool:
+    """Forget the channel when its daemon is gone, so that the next call starts a new one;
+    True if it was. privsep's reader thread ends on EOF, but dies on a reset connection
+    (a daemon killed with a request unread) without failing the calls in flight or marking
+    the channel dead: those calls then only end at their deadline, and every later call
+    would fail on the broken socket."""
+    channel = default.channel
+    if channel is None or channel.reader_thread.is_alive():
+        return False
+    with default.start_lock:
+        if default.channel is channel:
+            try:
+                channel.writer.writesock.close()
+            except OSError:
+                pass
+            default.channel = None
+    return True
+
+
 def _client(func: Callable[..., Any]) -> Callable[..., Any]:
     """Make ``func`` an entrypoint of :data:`default` whose failures to cross into root
     are our named errors."""
@@ -114,18 +147,27 @@ def _client(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return entrypoint(*args)
         except comm.PrivsepTimeout:
+            if _drop_dead_channel():
+                raise PrivilegedHelperError('privileged %s%r: privsep daemon gone'
+                                            % (func.__name__, args)) from None
             raise PrivilegedTimeout('privileged %s%r did not finish within %g s'
-                                    % (func.__name__, args, CALL_TIMEOUT)) from None
+                                    % (func.__name__, args, default.timeout)) from None
         except (daemon.FailedToDropPrivileges, daemon.ProtocolError) as exc:
             raise PrivilegedHelperError('privsep daemon: %s' % exc) from exc
+        except OSError as exc:
+            if not _drop_dead_channel():
+                raise  # the operation's own error, raised again from the daemon
+            raise PrivilegedHelperError('privileged %s%r: privsep daemon gone: %s'
+                                        % (func.__name__, args, exc)) from exc
     # The daemon looks the name up and runs only what carries its context's mark.
     setattr(call, priv_context._ENTRYPOINT_ATTR, default)
     return call
 
 
 @_client
-def create_leaf(controller: str, parent: str, leaf: str) -> str:
-    return privileged.create_leaf(controller, parent, leaf)
+def create_leaf(controller: str, parent: str, leaf: str,
+                limits: Sequence[Sequence[str]]) -> str:
+    return privileged.create_leaf(controller, parent, leaf, limits)
 
 
 @_client

@@ -171,7 +171,10 @@ def _pipeline_bytes(state: Dict[str, Any]) -> Tuple[Optional[int], str, List[Lis
 def _bytes_done(entry: Entry, state_dir: str) -> Tuple[Optional[int], str, List[List[str]]]:
     """(bytes done, source, argv of the copy's processes)."""
     if entry.backend == 'pv':
-        return _pipeline_bytes(pipeline.read_pipe_state(state_dir, entry.id) or {})
+        try:
+            return _pipeline_bytes(pipeline.read_pipe_state(state_dir, entry.id) or {})
+        except ThrottleError:  # a foreign pipe.json: no progress known
+            return None, 'none', []
     try:
         located = entry_leaf(entry)
     except ThrottleError:

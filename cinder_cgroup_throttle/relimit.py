@@ -30,12 +30,12 @@ from cinder_cgroup_throttle.cleanup import entry_leaf
 from cinder_cgroup_throttle.exception import CopyNotFound, ThrottleError
 from cinder_cgroup_throttle.registry import Entry, Registry
 from cinder_cgroup_throttle.statefiles import COPY_ID
-from cinder_cgroup_throttle.sharing import StaticLimits, device_limits, fair_shares
+from cinder_cgroup_throttle.sharing import (StaticLimits, device_limits, fair_shares,
+                                            pipe_rate)
 from cinder_cgroup_throttle.units import format_rate
 
 LOG = logging.getLogger(__name__)
 
-LOCK_FILE = '.relimit.lock'
 LOCK_POLL = (0.001, 0.05)  # first and longest pause between attempts on the lock file
 
 
@@ -56,13 +56,11 @@ def locked(registry: Registry) -> Iterator[None]:
     processes a ``flock`` on the state directory's lock file taken with LOCK_NB and retried
     after a (green) sleep. lockutils' own external lock is not used: it opens the file for
     appending and follows a symbolic link, in a directory the service user can write,
-    where root (the CLI) must do neither; this file is opened read-only with O_NOFOLLOW,
-    so a lock file root created stays usable by a non-root cinder-volume.
+    where root (the CLI) must do neither; ``open_lock`` opens it read-only and never
+    through a link, so a lock file root created stays usable by a non-root cinder-volume.
     """
-    os.makedirs(registry.directory, mode=0o755, exist_ok=True)
     with lockutils.lock('cinder-cgroup-throttle-relimit:' + registry.directory, fair=True):
-        fd = os.open(os.path.join(registry.directory, LOCK_FILE),
-                     os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = registry.files.open_lock()  # never a link, a FIFO or a device
         try:
             delay = LOCK_POLL[0]
             while True:
@@ -92,8 +90,11 @@ def apply(entry: Entry, bps: int, state_dir: str) -> None:
         driver.write_limits(leaf, device_limits(src, dst, bps, static),
                             previous=device_limits(src, dst, entry.bps_limit, static))
     elif entry.backend == 'pv':
+        src, dst = entry.devices()  # pv enforces the lowest bytes/s that applies
+        rate = pipe_rate(bps, device_limits(src, dst, bps,
+                                            StaticLimits(**entry.extra.get('static', {}))))
         try:  # a pipeline not running yet applies the request as it starts
-            pipeline.request_rate(state_dir, entry.id, bps)
+            pipeline.request_rate(state_dir, entry.id, rate)
         except (RuntimeError, ValueError) as exc:
             raise ThrottleError('cannot re-limit copy %s: %s' % (entry.id, exc)) from exc
     else:
@@ -114,6 +115,9 @@ def _rebalance_locked(registry: Registry, owner_pid: int,
     shares = fair_shares(requested, cap)
     for entry in entries:
         share = shares[entry.id]
+        budget = int(entry.extra.get('budget_bps') or 0)  # the backend's shared budget
+        if budget:
+            share = min(share, budget) if share else budget
         if share != entry.bps_limit:
             try:
                 apply(entry, share, registry.directory)
@@ -132,10 +136,17 @@ def _rebalance_locked(registry: Registry, owner_pid: int,
     return entries
 
 
-def rebalance(registry: Registry, owner_pid: Optional[int] = None) -> List[Entry]:
+def rebalance(registry: Registry, owner_pid: Optional[int] = None,
+              budgets: Optional[Dict[str, Optional[int]]] = None) -> List[Entry]:
     """Re-compute and apply the rates of every active copy of ``owner_pid`` (default:
-    this process); call it after a copy of that owner started or ended."""
+    this process); call it after a copy of that owner started or ended. ``budgets``:
+    new shares of the backend's budget by copy id (budget.py; None: no budget share)."""
     with locked(registry):
+        for copy_id, budget in (budgets or {}).items():
+            entry = registry.load(copy_id)
+            if entry is not None and entry.extra.get('budget_bps') != budget:
+                entry.extra['budget_bps'] = budget
+                registry.save(entry)
         return _rebalance_locked(registry, owner_pid or os.getpid())
 
 

@@ -43,6 +43,14 @@ def device_limits(src: Optional[BlockDevice], dst: Optional[BlockDevice], bps: i
     return [DeviceLimit(**fields) for fields in merged.values()]
 
 
+def pipe_rate(bps: int, limits: List[DeviceLimit]) -> int:
+    """The one rate a pv pipeline enforces for a copy: the lowest bytes/s among its rate
+    and the device limits that apply to it (0: none, only IOPS limits, which pv cannot
+    express)."""
+    rates = [r for lim in limits for r in (lim.rbps, lim.wbps) if r] + ([bps] if bps else [])
+    return min(rates, default=0)
+
+
 def fair_shares(requested: Dict[str, int], cap: int) -> Dict[str, int]:
     """Each copy's rate under a total ``cap`` (0 = no cap): max-min fairness.
 

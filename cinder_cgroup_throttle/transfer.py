@@ -125,14 +125,16 @@ def run(manager: CopyManager, src: str, dst: str, bps_limit: int, bs: str = '1M'
 
 
 def _check_dd(argv: List[str], returncode: int, err: str, size: int) -> None:
-    last = err.strip().splitlines()[-1] if err.strip() else ''
+    # All of it: the cause is often not on the last line (dd: fdatasync failed, then its
+    # byte counts).
+    text = err.strip()
     if returncode:
         raise ThrottleError('copy failed: %s exited with %s: %s'
-                            % (argv[0], _status(returncode), last or 'no message'))
+                            % (argv[0], _status(returncode), text or 'no message'))
     copied = _DD_COPIED.findall(err)
     if not copied:
         raise ThrottleError('copy finished but dd did not report the bytes it copied: %s'
-                            % (last or 'no output'))
+                            % (text or 'no output'))
     if int(copied[-1]) != size:
         raise ThrottleError('copy incomplete: dd copied %s of %d bytes'
                             % (copied[-1], size))

@@ -14,6 +14,7 @@ from cinder_cgroup_throttle.cgroups import detect, get_driver
 from cinder_cgroup_throttle.exception import CgroupUnavailable
 from cinder_cgroup_throttle.manager import CopyManager
 from cinder_cgroup_throttle.registry import Registry
+from tests.etcd import Etcd
 from tests.scratch import Scratch
 
 
@@ -108,3 +109,14 @@ def manager(cgroup_parent, state_dir):
         mgr.driver.remove_leaf(leaf, grace=1)
     assert not leftovers, 'cgroups left behind: %s' % leftovers
     assert not mgr.registry.entries(), 'registry entries left behind'
+
+
+@pytest.fixture
+def etcd():
+    """A private etcd (Debian's etcd-server) on loopback, removed at the end."""
+    server = Etcd()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()

@@ -18,6 +18,13 @@ from cinder_cgroup_throttle.demo import fill_random, sha256_prefix  # noqa: F401
 MiB = 1 << 20
 
 
+def pipe_state(copy_id: str, wrapper_pid: int, started: float, done=None) -> dict:
+    """A state file as the pv pipeline publishes it (``<id>.pipe.json``)."""
+    return {'id': copy_id, 'tool': 'dd', 'wrapper_pid': wrapper_pid, 'pids': {},
+            'pv_pid': None, 'rate': MiB, 'relimit': True, 'rate_error': None,
+            'bytes': done, 'total_bytes': None, 'started': started, 'updated': started}
+
+
 def run(*argv: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(list(argv), check=True, capture_output=True, text=True, **kw)
 

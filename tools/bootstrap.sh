@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="cgroup-tools pv fdisk util-linux e2fsprogs btrfs-progs qemu-utils sudo procps"
+APT_PACKAGES="cgroup-tools pv fdisk util-linux e2fsprogs btrfs-progs qemu-utils sudo procps etcd-server"
 if [ "$(id -u)" != 0 ]; then
     echo "bootstrap: run as root (cgroups and loop devices need it)" >&2
     exit 1

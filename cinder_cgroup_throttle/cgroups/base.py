@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from cinder_cgroup_throttle.devices import BlockDevice
 from cinder_cgroup_throttle.exception import CgroupOperationError, ThrottleError
 
-_SEGMENT = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$')
+_SEGMENT = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z')
 
 
 def validate_cgroup_path(name: str) -> str:
@@ -90,14 +90,17 @@ class CgroupDriver(abc.ABC):
         """argv prefix that runs a command inside the leaf (cgexec exec()s it in place)."""
         return ['cgexec', '-g', '%s:%s/%s' % (self.controller, self.parent, leaf)]
 
-    def create_leaf(self, leaf: str) -> str:
+    def create_leaf(self, leaf: str, limits: Iterable[DeviceLimit] = ()) -> str:
+        """Create the leaf (and the parent, if missing) and give it ``limits``; a leaf whose
+        limits cannot be written is removed again. One step, so that a non-root service
+        pays one call into root for it (privileged.PrivilegedDriver)."""
         path = self.leaf_path(leaf)
         for _attempt in range(5):
             try:
                 if self.ensure_parent():
                     self.owns_parent = True
                 os.mkdir(path)
-                return path
+                break
             except (FileNotFoundError, CgroupOperationError) as exc:
                 # The empty parent was removed by the end of another copy: make it again.
                 cause = exc if isinstance(exc, OSError) else exc.__cause__
@@ -106,8 +109,15 @@ class CgroupDriver(abc.ABC):
             except OSError as exc:
                 raise CgroupOperationError(
                     'cannot create cgroup %s: %s' % (path, exc)) from exc
-        raise CgroupOperationError('cannot create cgroup %s: its parent keeps vanishing'
-                                   % path)
+        else:
+            raise CgroupOperationError('cannot create cgroup %s: its parent keeps vanishing'
+                                       % path)
+        try:
+            self.write_limits(leaf, limits)
+        except BaseException:
+            self.try_remove_leaf(leaf)
+            raise
+        return path
 
     def leaves(self) -> List[str]:
         try:

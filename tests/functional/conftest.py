@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.functional.nonroot import Deployment, deploy
+
 
 @pytest.fixture(scope='session')
 def cinder_modules():
@@ -37,3 +39,9 @@ def install_throttle(cinder_modules, cgroup_parent, state_dir):
     for throttle in installed:
         leftovers = throttle.manager.driver.leaves()
         assert not leftovers, 'cgroups left behind: %s' % leftovers
+
+
+@pytest.fixture
+def deployment(cgroup_parent, scratch) -> Deployment:
+    """cinder-volume's user, its sudo + cinder-rootwrap rule and its state directory."""
+    return deploy(scratch, cgroup_parent)

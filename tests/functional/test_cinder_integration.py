@@ -34,6 +34,7 @@ BACKEND_RATE = 8 * MiB  # [backend_defaults]; [DEFAULT] says 2 MiB/s, which must
 KEY = 'volume_copy_bps_limit'
 HOST = socket.gethostname()
 DEVICE_SIZE = 32 * MiB
+FLOOR = 4 * MiB  # volume_copy_min_bps_limit: the least a tenant's metadata can ask for
 
 CINDER_CONF = """\
 [DEFAULT]
@@ -53,6 +54,7 @@ lock_path = {dir}
 volume_copy_bps_limit = {rate}
 volume_copy_blkio_cgroup_name = {cgroup}
 volume_copy_throttle_backend = cgroup
+volume_copy_min_bps_limit = {floor}
 
 [lvm-1]
 volume_driver = cinder_cgroup_throttle.cinder_hook.ThrottledDriver
@@ -90,7 +92,8 @@ def cinder_volume(cinder_modules, cgroup_parent):
     workdir = tempfile.mkdtemp(prefix='cct-cinder-')
     path = os.path.join(workdir, 'cinder.conf')
     with open(path, 'w') as f:
-        f.write(CINDER_CONF.format(dir=workdir, rate=BACKEND_RATE, cgroup=cgroup_parent))
+        f.write(CINDER_CONF.format(dir=workdir, rate=BACKEND_RATE, cgroup=cgroup_parent,
+                                   floor=FLOOR))
     conf = cfg.CONF
     conf([], project='cinder', version=version.version_string(), default_config_files=[path])
     migration.db_sync()
@@ -189,17 +192,21 @@ def test_explicit_zero_in_backend_section_disables(scratch, cinder_modules, set_
 
 
 @pytest.mark.parametrize('user, admin, user_context, expected', [
-    ('4Mi', None, False, 4 * MiB),
-    ('32Mi', None, False, BACKEND_RATE),
+    ('6Mi', None, True, 6 * MiB),
+    ('6Mi', None, False, BACKEND_RATE),
+    ('1', None, True, FLOOR),
+    ('32Mi', None, True, BACKEND_RATE),
     (None, '16Mi', False, 16 * MiB),
     (None, '16Mi', True, 16 * MiB),
-    ('not-a-rate', None, False, BACKEND_RATE),
-], ids=['user-lowers', 'user-cannot-raise', 'admin-raises', 'admin-raises-user-context',
-        'invalid-ignored'])
+    ('not-a-rate', None, True, BACKEND_RATE),
+], ids=['user-lowers-tenant-retype', 'user-cannot-slow-admin-migration',
+        'user-cannot-go-below-floor', 'user-cannot-raise', 'admin-raises',
+        'admin-raises-user-context', 'invalid-ignored'])
 def test_migration_copy_honours_volume_metadata(scratch, cinder_volume, set_throttle, caplog,
                                                 user, admin, user_context, expected):
-    """``user_context``: the volumes were loaded by a non-admin request, so Cinder did
-    not load their admin metadata; the hook must read it itself."""
+    """``user_context``: a tenant's retype; the volumes were loaded by a non-admin request,
+    so Cinder did not load their admin metadata: the hook must read it itself. Else an
+    admin's migration, which a tenant's metadata must not slow down."""
     from cinder import context, objects
     from cinder.volume import manager as volume_manager
     managers, ctxt = cinder_volume
@@ -227,8 +234,8 @@ def test_migration_copy_honours_volume_metadata(scratch, cinder_volume, set_thro
     dst.create()
     assert dst.metadata == src.metadata and dst.admin_metadata == src.admin_metadata
     if user_context:
-        as_user = context.RequestContext(user_id='u', project_id='p')
-        src, dst = (objects.Volume.get_by_id(as_user, v.id) for v in (src, dst))
+        ctxt = context.RequestContext(user_id='u', project_id='p')
+        src, dst = (objects.Volume.get_by_id(ctxt, v.id) for v in (src, dst))
         assert src.admin_metadata == {}  # what Cinder shows a non-admin
     manager.devices = {src.id: scratch.loop(32), dst.id: scratch.loop(32)}
     digest = fill_random(manager.devices[src.id], DEVICE_SIZE)
@@ -244,3 +251,26 @@ def test_migration_copy_honours_volume_metadata(scratch, cinder_volume, set_thro
     print('_copy_volume_data, metadata %r admin %r: %.2f MiB/s (expected %.2f)'
           % (user, admin, rate / MiB, expected / MiB))
     assert 0.8 <= rate / expected <= 1.15
+
+
+def test_wipe_of_a_deleted_volume_ignores_tenant_metadata(scratch, cinder_modules,
+                                                          set_throttle, caplog):
+    """Cinder's own clear_volume (LVM's delete_volume wipes with it), inside what the
+    wrapped ``delete_volume`` records: a tenant's 1 B/s cannot leave it in 'deleting'."""
+    from cinder_cgroup_throttle import cinder_hook, policy
+    volume_utils = cinder_modules[2]
+    set_throttle('lvm-1')
+    device = scratch.loop(32)
+    gone = {'id': 'deleted-volume', 'metadata': {KEY: '1'}, 'admin_metadata': {}}
+    with caplog.at_level(logging.DEBUG, logger='cinder.volume.volume_utils'):
+        with cinder_hook.copying(gone, kind=policy.WIPE):
+            volume_utils.clear_volume(1, device, volume_clear='zero',
+                                      volume_clear_size=DEVICE_SIZE // MiB)
+    with open(device, 'rb') as f:
+        assert f.read(DEVICE_SIZE) == bytes(DEVICE_SIZE)
+    durations = re.findall(r'Volume copy details: .* duration ([\d.]+) sec', caplog.text)
+    assert len(durations) == 1, caplog.text
+    rate = DEVICE_SIZE / float(durations[0])
+    print('wipe with tenant metadata 1 B/s: %.2f MiB/s (expected %.2f)'
+          % (rate / MiB, BACKEND_RATE / MiB))
+    assert 0.8 <= rate / BACKEND_RATE <= 1.15

@@ -11,26 +11,23 @@ import json
 import os
 import pwd
 import re
-import shutil
 import subprocess
-import sys
 import sysconfig
-import tempfile
 import textwrap
 import time
 
 import pytest
 
 from cinder_cgroup_throttle.cgroups import get_driver
+from tests.functional.nonroot import BIN, user_python
 from tests.scratch import MiB, fill_random, sha256_prefix
-from tests.unit.test_rootwrap_filters import EXEC_DIRS, write_filters
+from tests.unit.test_rootwrap_filters import EXEC_DIRS
 
 pytestmark = [pytest.mark.kernel, pytest.mark.cinder]
 
 RATE = 8 * MiB
 LIMIT_FILE = {'blkio': 'blkio.throttle.write_bps_device', 'io': 'io.max'}
 SIZE_MB = 24
-BIN = os.path.dirname(sys.executable)
 
 # Runs as the unprivileged user: Cinder's copy_volume with our throttle installed as
 # BaseVD.set_throttle() does, nothing else configured but Cinder's rootwrap_config.
@@ -60,57 +57,6 @@ USER_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def run(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, text=True)
-
-
-@pytest.fixture
-def deployment(tmp_path_factory, cgroup_parent, scratch):
-    """User, sudoers rule, rootwrap config and state dir; all removed afterwards."""
-    if not shutil.which('sudo') or not shutil.which('runuser'):
-        pytest.skip('sudo and runuser are needed (apt-get install sudo util-linux)')
-    user = 'cct-nr-%d' % os.getpid()
-    run('useradd', '--system', '--no-create-home', '--shell', '/usr/sbin/nologin', user)
-    scratch.defer('userdel ' + user, lambda: run('userdel', user))
-    pw = pwd.getpwnam(user)
-
-    etc = tempfile.mkdtemp(prefix='cct-rootwrap-')  # root-owned, as rootwrap requires
-    scratch.defer('rm ' + etc, lambda: shutil.rmtree(etc))
-    os.chmod(etc, 0o755)
-    filters = write_filters(os.path.join(etc, 'rootwrap.d'), cgroup_parent)
-    conf = os.path.join(etc, 'rootwrap.conf')
-    with open(conf, 'w') as f:
-        f.write('[DEFAULT]\nfilters_path=%s\nexec_dirs=%s\nuse_syslog=False\n'
-                % (filters, ','.join(EXEC_DIRS)))
-
-    rootwrap = os.path.join(BIN, 'cinder-rootwrap')
-    sudoers = '/etc/sudoers.d/cct-nonroot-%d' % os.getpid()
-    rule = ('Defaults:%s secure_path="%s"\n%s ALL = (root) NOPASSWD: %s %s *\n'
-            % (user, ':'.join(EXEC_DIRS), user, rootwrap, conf))
-    with open(sudoers + '.tmp', 'w') as f:
-        f.write(rule)
-    run('visudo', '-c', '-q', '-f', sudoers + '.tmp')
-    os.chmod(sudoers + '.tmp', 0o440)
-    os.replace(sudoers + '.tmp', sudoers)
-    scratch.defer('rm ' + sudoers, lambda: os.unlink(sudoers))
-
-    os.chmod(scratch.dir, 0o711)  # the user reaches its state dir and the test files
-    state = os.path.join(scratch.dir, 'state')
-    os.mkdir(state)
-    os.chown(state, pw.pw_uid, pw.pw_gid)
-    return user, conf, state
-
-
-def user_python(user):
-    """An interpreter of this Python version that the user may run (a venv's python may
-    point into root's home)."""
-    for python in (sys.executable, '/usr/bin/python%d.%d' % sys.version_info[:2]):
-        if subprocess.run(['runuser', '-u', user, '--', python, '-c', 'pass'],
-                          capture_output=True).returncode == 0:
-            return python
-    pytest.skip('no python%d.%d that %s can run' % (sys.version_info[:2] + (user,)))
-
-
 def run_as(user, conf, state, parent, copies):
     env = {'PATH': ':'.join([BIN] + EXEC_DIRS), 'CINDER_CGROUP_THROTTLE_STATE_DIR': state,
            'PYTHONPATH': os.path.dirname(os.path.dirname(os.path.dirname(
@@ -123,7 +69,7 @@ def run_as(user, conf, state, parent, copies):
 
 
 def test_copy_as_unprivileged_user_through_rootwrap(scratch, cgroup_parent, deployment):
-    user, conf, state = deployment
+    user, conf, state = deployment.user, deployment.conf, deployment.state
     size = SIZE_MB * MiB
     src, dst = scratch.loop(32), scratch.loop(32)
     digest = fill_random(src, size)
@@ -134,6 +80,8 @@ def test_copy_as_unprivileged_user_through_rootwrap(scratch, cgroup_parent, depl
     os.chmod(work, 0o755)
 
     driver = get_driver(cgroup_parent)
+    # A parent found in place (an operator made it) stays: the privsep daemon did not make it.
+    os.makedirs(driver.parent_path, exist_ok=True)
     proc = run_as(user, conf, state, cgroup_parent, [[src, dst], [fsrc, fdst]])
     seen_limits, seen_pipe = set(), []
     while proc.poll() is None:  # watch the copies from outside, as root
@@ -177,6 +125,7 @@ def test_copy_as_unprivileged_user_through_rootwrap(scratch, cgroup_parent, depl
         print('%s: achieved/limit %.3f' % (cmd[0], ratio))  # shown with pytest -s
         assert 0.8 <= ratio <= 1.15, '%s: achieved/limit %.3f' % (cmd[0], ratio)
     assert driver.leaves() == []
+    assert os.path.isdir(driver.parent_path)
     assert os.listdir(state) == [] or all(n.startswith('.') for n in os.listdir(state))
 
 
@@ -303,7 +252,7 @@ def test_eventlet_service_with_greenthread_copies_and_relimit(scratch, cgroup_pa
                                                               deployment):
     """Cap 8 MiB/s, each copy asks 8 MiB/s: alone a copy gets 8, together 4 + 4; B
     re-limited to 2 MiB/s gives A 6; when B ends A gets 8 again."""
-    user, conf, state = deployment
+    user, conf, state = deployment.user, deployment.conf, deployment.state
     a_mib, b_mib = 48, 14
     a_src, a_dst, b_src, b_dst = (scratch.loop(56) for _ in range(4))
     a_digest, b_digest = fill_random(a_src, a_mib * MiB), fill_random(b_src, b_mib * MiB)
@@ -318,6 +267,8 @@ def test_eventlet_service_with_greenthread_copies_and_relimit(scratch, cgroup_pa
     argv += [user_python(user), '-S', '-c', EVENTLET_SCRIPT, conf, json.dumps(plan),
              cgroup_parent, sysconfig.get_paths()['purelib']]
     driver = get_driver(cgroup_parent)
+    if os.path.isdir(driver.parent_path):
+        os.rmdir(driver.parent_path)  # the session's; empty between tests
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd='/')
     samples = {}  # leaf -> [(time, limits, written)]
@@ -371,3 +322,46 @@ def test_eventlet_service_with_greenthread_copies_and_relimit(scratch, cgroup_pa
     for limit, rate in checked:
         assert 0.9 <= rate / limit <= 1.1, rates
     assert driver.leaves() == []
+    # The privsep daemon made the parent, so it removed it with the last leaf.
+    assert not os.path.exists(driver.parent_path)
+
+
+# The operator CLI as the service user: its cgroup probe goes through the privsep daemon,
+# started with the root helper (here the test's rootwrap.conf instead of /etc/cinder's).
+CLI_SCRIPT = textwrap.dedent('''
+    import site, sys
+    site.addsitedir(sys.argv[3])
+    from oslo_privsep import priv_context
+    priv_context.init(root_helper=['sudo', 'cinder-rootwrap', sys.argv[1]])
+    from cinder_cgroup_throttle import cli
+    sys.exit(cli.main(['--cgroup-name', sys.argv[2], 'check']))
+''')
+
+
+@pytest.mark.parametrize('layout', ['venv bin in exec_dirs', 'venv bin missing'])
+def test_cli_check_as_the_service_user(scratch, cgroup_parent, deployment, layout):
+    user, conf, state = deployment.user, deployment.conf, deployment.state
+    if layout == 'venv bin missing':  # rootwrap cannot find privsep-helper
+        with open(conf) as f:
+            text = f.read()
+        with open(conf, 'w') as f:
+            f.write(text.replace('exec_dirs=%s,' % BIN, 'exec_dirs='))
+    env = {'PATH': ':'.join(EXEC_DIRS[1:]), 'CINDER_CGROUP_THROTTLE_STATE_DIR': state,
+           'PYTHONPATH': os.path.dirname(os.path.dirname(os.path.dirname(
+               os.path.abspath(__file__)))), 'PYTHONDONTWRITEBYTECODE': '1'}
+    argv = ['runuser', '-u', user, '--', 'env', '-i'] + ['%s=%s' % kv for kv in env.items()]
+    argv += [user_python(user), '-S', '-c', CLI_SCRIPT, conf, cgroup_parent,
+             sysconfig.get_paths()['purelib']]
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd='/', timeout=120)
+    lines = [line for line in proc.stdout.splitlines() if 'cgroup controller' in line
+             or line.startswith('[ok]   controller')]
+    if layout == 'venv bin in exec_dirs':
+        assert any('usable' in line and 'through sudo cinder-rootwrap %s privsep-helper'
+                   % conf in line for line in lines), proc.stdout + proc.stderr
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    else:
+        assert proc.returncode != 0
+        assert any(line.startswith('[FAIL] cgroup controller: the privsep daemon did not '
+                                   'start') and 'exited 96 (cinder-rootwrap: 99' in line
+                   for line in lines), proc.stdout
+    assert get_driver(cgroup_parent).leaves() == []

@@ -6,6 +6,7 @@ so the wrapper's argv parsing, the registry and the published pipe state are all
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,8 +16,10 @@ import time
 import pytest
 
 from cinder_cgroup_throttle import pipeline
+from cinder_cgroup_throttle.exception import ThrottleError
 from cinder_cgroup_throttle.manager import PIPE_COMMAND, CopyManager
 from cinder_cgroup_throttle.registry import Registry
+from cinder_cgroup_throttle.sharing import StaticLimits
 from tests.kernel.test_cgroup_copy import assert_rate, dd_argv
 from tests.scratch import MiB, fill_random, sha256_prefix, timed
 
@@ -255,3 +258,44 @@ def test_wrapper_found_beside_the_interpreter_when_not_on_path(scratch, cgroup_p
         timed(dd_argv(copy.prefix, src, dst, 4 * MiB, '1M',
                       iflag_direct=False, oflag_direct=False))
     assert sha256_prefix(dst, 4 * MiB) == digest
+
+
+@pytest.mark.parametrize('bps, static, expected', [
+    (0, StaticLimits(write_bps=4 * MiB), 4 * MiB),
+    (16 * MiB, StaticLimits(read_bps=4 * MiB, write_iops=1000), 4 * MiB),
+], ids=['static-limit-only', 'static-limit-below-the-rate'])
+def test_pv_enforces_the_lowest_bytes_limit(scratch, on_path, cgroup_parent, state_dir,
+                                            bps, static, expected):
+    """Operator's per-direction limits bind the pv fallback too (one rate: the lowest)."""
+    mgr = CopyManager(cgroup_parent, backend='pv', registry=Registry(state_dir),
+                      static=static)
+    src, dst = scratch.loop(32), scratch.loop(32)
+    size = 16 * MiB
+    digest = fill_random(src, size)
+    with mgr.copy(src, dst, bps) as copy:
+        assert copy.prefix[copy.prefix.index('--rate') + 1] == str(expected)
+        proc = subprocess.run(dd_argv(copy.prefix, src, dst, size, '1M'),
+                              capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sha256_prefix(dst, size) == digest
+    # The writer dd's own clock (the pipeline passes its summary through).
+    copied = re.search(r'^(\d+) bytes .* copied, ([0-9.]+) s', proc.stderr, re.M)
+    assert copied and int(copied.group(1)) == size, proc.stderr
+    ratio = size / float(copied.group(2)) / expected
+    print('pv, static %s, rate %d: achieved/limit %.3f' % (static, bps, ratio))
+    assert_rate(ratio)
+
+
+def test_pv_cannot_enforce_iops_only(scratch, on_path, cgroup_parent, state_dir):
+    src, dst = scratch.loop(8), scratch.loop(8)
+    static = StaticLimits(write_iops=100)
+    mgr = CopyManager(cgroup_parent, backend='pv', registry=Registry(state_dir),
+                      static=static)
+    with pytest.raises(ThrottleError, match='only IOPS limits apply'):
+        with mgr.copy(src, dst, 0):
+            pass
+    mgr = CopyManager(cgroup_parent, backend='pv', registry=Registry(state_dir),
+                      static=static, allow_unthrottled=True)
+    with mgr.copy(src, dst, 0) as copy:  # the operator's choice: unthrottled, and says why
+        assert copy.backend == 'none' and 'IOPS' in copy.reason, copy.reason
+    assert os.listdir(state_dir) in ([], ['.relimit.lock'])

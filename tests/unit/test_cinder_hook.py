@@ -5,8 +5,9 @@ import threading
 
 import pytest
 
-from cinder_cgroup_throttle import cinder_hook
-from cinder_cgroup_throttle.cinder_hook import copying, current_volumes, throttled_class
+from cinder_cgroup_throttle import cinder_hook, policy
+from cinder_cgroup_throttle.cinder_hook import (copying, current_kind, current_volumes,
+                                                throttled_class)
 
 
 def test_copying_nests_and_unwinds():
@@ -44,6 +45,12 @@ class FakeRealDriver:
     def delete_volume(self, volume):
         return current_volumes()
 
+    def migrate_volume(self, context, volume, host):
+        return current_kind(), self.delete_volume(volume)
+
+    def create_volume_from_snapshot(self, volume, snapshot):
+        return current_kind()
+
     def extend_volume(self, volume, new_size):  # not a copy path: not wrapped
         return current_volumes()
 
@@ -60,6 +67,24 @@ def test_throttled_class_keeps_identity_and_records_volumes():
     assert driver.extend_volume('vol', 2) == ()
     with pytest.raises(TypeError):
         driver.delete_volume()
+
+
+class Context:
+    def __init__(self, is_admin):
+        self.is_admin = is_admin
+
+
+def test_wrapped_methods_record_the_copy_kind():
+    driver = throttled_class(FakeRealDriver)()
+    assert current_kind() == policy.OTHER
+    assert driver.create_volume_from_snapshot('new', 'snap') == policy.CLONE
+    # the outermost method decides: the delete inside a migration is part of it
+    assert driver.migrate_volume(Context(True), 'v', 'h') == (policy.MIGRATION, ('v', 'v'))
+    assert driver.migrate_volume(Context(False), 'vol', 'h')[0] == policy.RETYPE
+    assert driver.migrate_volume(None, 'vol', 'h')[0] == policy.RETYPE
+    with copying('gone', kind=policy.WIPE):
+        assert current_kind() == policy.WIPE
+    assert current_kind() == policy.OTHER
 
 
 @pytest.mark.cinder

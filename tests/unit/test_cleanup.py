@@ -13,6 +13,7 @@ import pytest
 
 from cinder_cgroup_throttle import cleanup
 from cinder_cgroup_throttle.registry import Entry, Registry, process_start_time
+from tests.scratch import pipe_state
 
 
 @pytest.fixture
@@ -40,11 +41,12 @@ def test_only_dead_owners_state_is_removed(tmp_path, dead_pid):
     for e in (dead, live, reused):
         registry.save(e)
     pipe = tmp_path / (dead.id + '.pipe.json')  # its pipeline was killed, too
-    pipe.write_text(json.dumps({'wrapper_pid': dead_pid, 'started': time.time() - 5}))
-    stale_temp = tmp_path / ('.%s.json12ab' % dead.id)
+    pipe.write_text(json.dumps(pipe_state(dead.id, dead_pid, time.time() - 5)))
+    stale_temp = tmp_path / ('.%s.json.0123456789abcdef.tmp' % dead.id)
     stale_temp.write_text('{')
     os.utime(stale_temp, (time.time() - 120,) * 2)
-    fresh_temp = tmp_path / ('.%s.pipe.json34cd' % dead.id)  # may still be written
+    # may still be written
+    fresh_temp = tmp_path / ('.%s.pipe.json.0123456789abcdef.tmp' % dead.id)
     fresh_temp.write_text('{')
     foreign = tmp_path / 'notes.json'
     foreign.write_text('{}')
@@ -52,17 +54,19 @@ def test_only_dead_owners_state_is_removed(tmp_path, dead_pid):
     dry = cleanup.clean(registry, None, dry_run=True)
     assert {(a.action, a.kind) for a in dry} == {('would remove', 'registry'),
                                                  ('would remove', 'pipefile'),
-                                                 ('would remove', 'tempfile')}
+                                                 ('would remove', 'tempfile'),
+                                                 ('kept', 'foreign')}
     assert len(os.listdir(tmp_path)) == 7
 
     actions = cleanup.clean(registry, None)
     assert sorted((a.kind, a.target) for a in actions) == sorted([
         ('registry', dead.id), ('registry', reused.id), ('pipefile', str(pipe)),
-        ('tempfile', str(stale_temp))])
-    assert all(a.action == 'removed' for a in actions)
+        ('tempfile', str(stale_temp)), ('foreign', str(foreign))])
+    assert all(a.action == ('kept' if a.kind == 'foreign' else 'removed') for a in actions)
     assert [e.id for e in registry.entries()] == [live.id]
     assert fresh_temp.exists() and foreign.exists()
-    assert cleanup.clean(registry, None) == []
+    assert [(a.kind, a.target) for a in cleanup.clean(registry, None)] == [
+        ('foreign', str(foreign))]
 
 
 def test_a_running_pipeline_keeps_its_entry(tmp_path, dead_pid):
@@ -70,7 +74,7 @@ def test_a_running_pipeline_keeps_its_entry(tmp_path, dead_pid):
     orphan = entry('copy-%d-0000cafe' % dead_pid, dead_pid, time.time() - 5)
     registry.save(orphan)
     (tmp_path / (orphan.id + '.pipe.json')).write_text(json.dumps(
-        {'wrapper_pid': os.getpid(), 'started': time.time()}))
+        pipe_state(orphan.id, os.getpid(), time.time())))
     actions = cleanup.clean(registry, None)
     assert [(a.action, a.kind, a.target) for a in actions] == [
         ('kept', 'registry', orphan.id)]
@@ -80,7 +84,7 @@ def test_a_running_pipeline_keeps_its_entry(tmp_path, dead_pid):
 
 def test_an_entry_naming_a_foreign_cgroup_is_not_followed(tmp_path, dead_pid):
     """A forged or corrupt entry cannot make cleanup rmdir outside our cgroups."""
-    registry = Registry(str(tmp_path))
+    registry = Registry(str(tmp_path / 'state'))
     victim = tmp_path / 'important' / ('copy-%d-0000f00d' % dead_pid)
     victim.mkdir(parents=True)
     for cgroup, mountpoint in (('blkio:important/%s' % victim.name, str(tmp_path)),
@@ -91,3 +95,15 @@ def test_an_entry_naming_a_foreign_cgroup_is_not_followed(tmp_path, dead_pid):
         actions = cleanup.clean(registry, None)
         assert [(a.action, a.kind) for a in actions] == [('kept', 'registry')]
         assert victim.is_dir() and registry.load(victim.name) is not None
+
+
+def test_budget_state_of_a_dead_process_is_removed(tmp_path, dead_pid):
+    registry = Registry(str(tmp_path / 'state'))
+    registry.files.makedirs()
+    for pid in (os.getpid(), dead_pid):
+        registry.files.write_json('budget-%d.json' % pid, {'pid': pid})
+    assert registry.scan() == ([], [])  # a name of ours, not an entry and not foreign
+    actions = cleanup.clean(registry, None)
+    assert [(a.kind, os.path.basename(a.target), a.action) for a in actions] == [
+        ('budget', 'budget-%d.json' % dead_pid, 'removed')]
+    assert registry.files.names() == ['budget-%d.json' % os.getpid()]

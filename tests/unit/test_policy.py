@@ -8,6 +8,7 @@ from oslo_config import cfg
 
 from cinder_cgroup_throttle import policy
 from cinder_cgroup_throttle.devices import BlockDevice
+from cinder_cgroup_throttle.exception import InvalidRate
 from cinder_cgroup_throttle.sharing import StaticLimits, device_limits, fair_shares
 
 MiB = 2**20
@@ -99,10 +100,14 @@ def vol(user=None, admin=None, vid='v1'):
     (vol(admin='32Mi', user='64Mi'), 8 * MiB, 32 * MiB, True),
     (vol(admin='lots'), 8 * MiB, 8 * MiB, True),
     (vol(), 8 * MiB, 8 * MiB, False),
+    (vol(admin=str(2**64 + 1000)), 8 * MiB, 8 * MiB, True),
+    (vol(user='1' * 5000), 8 * MiB, 8 * MiB, True),
+    (vol(user=['4Mi']), 8 * MiB, 8 * MiB, True),
 ], ids=['user-lowers', 'user-decimal-units', 'user-cannot-raise', 'user-zero-is-raise',
         'user-equal', 'user-limits-unlimited', 'user-invalid', 'user-negative',
         'admin-raises', 'admin-lowers', 'admin-unlimited', 'user-lowers-admin',
-        'user-cannot-raise-above-admin', 'admin-invalid', 'no-metadata'])
+        'user-cannot-raise-above-admin', 'admin-invalid', 'no-metadata',
+        'admin-beyond-u64', 'user-huge', 'user-not-a-string'])
 def test_volume_metadata_rules(caplog, volume, operator, expected, warns):
     with caplog.at_level(logging.INFO, logger='cinder_cgroup_throttle.policy'):
         assert policy.volume_bps_limit(volume, operator, KEY) == expected
@@ -187,3 +192,52 @@ def test_device_limits_with_static_limits():
     assert limits(device_limits(DISK_A, DISK_A, 100, static)) == [('7:1', 50, 80, 10, 20)]
     assert limits(device_limits(DISK_A, DISK_B, 0, StaticLimits(write_iops=5))) == [
         ('7:2', 0, 0, 0, 5)]
+
+
+# -- limit sources per copy kind, and the operator's floor under tenant metadata -----------
+@pytest.mark.parametrize('kind, volume, expected', [
+    (policy.WIPE, vol(user='1'), 8 * MiB),
+    (policy.WIPE, vol(user='1Mi'), 8 * MiB),
+    (policy.WIPE, vol(admin='2Mi'), 2 * MiB),
+    (policy.MIGRATION, vol(user='1'), 8 * MiB),
+    (policy.MIGRATION, vol(admin='32Mi', user='1Mi'), 32 * MiB),
+    (policy.RETYPE, vol(user='1'), MiB),
+    (policy.RETYPE, vol(user='2Mi'), 2 * MiB),
+    (policy.CLONE, vol(user='1'), MiB),
+    (policy.IMAGE, vol(user='100K'), MiB),
+    (policy.OTHER, vol(user='1'), MiB),
+    (policy.CLONE, vol(admin='512Ki'), 512 * 1024),  # admin metadata may go below
+], ids=['wipe-ignores-user', 'wipe-ignores-user-above-floor', 'wipe-admin',
+        'admin-migration-ignores-user', 'admin-migration-admin', 'retype-floor',
+        'retype-user', 'clone-floor', 'image-floor', 'other-floor', 'admin-below-floor'])
+def test_sources_by_copy_kind(kind, volume, expected):
+    assert policy.copy_bps_limit([volume], 8 * MiB, KEY, kind=kind, min_bps=MiB) == expected
+
+
+def test_every_kind_has_sources():
+    kinds = {policy.WIPE, policy.MIGRATION, policy.RETYPE, policy.CLONE, policy.IMAGE,
+             policy.OTHER}
+    assert set(policy.LIMIT_SOURCES) == kinds
+    assert all(set(s) <= {'admin', 'user'} for s in policy.LIMIT_SOURCES.values())
+
+
+def test_floor_option(tmp_path):
+    assert load(tmp_path, '').min_bps == MiB
+    assert load(tmp_path, '[lvm-1]\nvolume_copy_min_bps_limit = 4Mi\n').min_bps == 4 * MiB
+    with pytest.raises(ValueError):
+        load(tmp_path, '[lvm-1]\nvolume_copy_min_bps_limit = %d\n' % 2**64).min_bps
+
+
+def test_pipe_rate_is_the_lowest_bytes_limit():
+    from cinder_cgroup_throttle.sharing import pipe_rate
+    static = StaticLimits(read_bps=50, write_bps=80, read_iops=10)
+    assert pipe_rate(100, device_limits(DISK_A, DISK_B, 100, static)) == 50
+    assert pipe_rate(0, device_limits(DISK_A, DISK_B, 0, StaticLimits(write_bps=80))) == 80
+    assert pipe_rate(0, device_limits(DISK_A, DISK_B, 0, StaticLimits(write_iops=5))) == 0
+    assert pipe_rate(100, []) == 100 and pipe_rate(0, []) == 0
+
+
+@pytest.mark.parametrize('value', [str(2**64 + 1000), '-1'])
+def test_cinders_integer_option_is_bounded(tmp_path, value):
+    with pytest.raises(InvalidRate, match='volume_copy_bps_limit'):
+        load(tmp_path, '[lvm-1]\nvolume_copy_bps_limit = %s\n' % value)

@@ -8,6 +8,7 @@ import pytest
 
 from cinder_cgroup_throttle.progress import Progress, ProgressMonitor, dd_total, path_size
 from cinder_cgroup_throttle.registry import Entry, Registry
+from tests.scratch import pipe_state
 
 MiB = 1 << 20
 
@@ -70,7 +71,7 @@ def test_rate_over_a_window_of_samples(tmp_path):
     state = tmp_path / (entry.id + '.pipe.json')
 
     def publish(done):
-        state.write_text(json.dumps({'bytes': done}))
+        state.write_text(json.dumps(pipe_state(entry.id, 1, entry.started, done)))
 
     monitor = ProgressMonitor(Registry(str(tmp_path)), window=0.3)
     publish(0)

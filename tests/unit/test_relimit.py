@@ -75,3 +75,19 @@ def test_copy_of_a_dead_owner_is_refused(registry):
     registry.save(dead)
     with pytest.raises(CopyNotFound, match='owner'):
         relimit.set_limit(dead.id, MiB, registry)
+
+
+def test_budget_share_lowers_the_local_rate_and_goes_away(registry):
+    for n, bps in enumerate((8 * MiB, 0)):  # own limit 8 MiB/s; no own limit
+        registry.save(entry(n, bps, cap=12 * MiB))
+    ids = sorted(e.id for e in registry.entries())
+    relimit.rebalance(registry)
+    assert [registry.load(i).bps_limit for i in ids] == [6 * MiB, 6 * MiB]
+    # Shares of the backend's budget (budget.py): the lower of local rate and share.
+    relimit.rebalance(registry, budgets={ids[0]: 2 * MiB, ids[1]: 9 * MiB})
+    assert [registry.load(i).bps_limit for i in ids] == [2 * MiB, 6 * MiB]
+    # A re-limit keeps the budget share in force.
+    assert relimit.set_limit(ids[0], 4 * MiB, registry).bps_limit == 2 * MiB
+    # Coordination lost: back to the local rates.
+    relimit.rebalance(registry, budgets={ids[0]: None, ids[1]: None})
+    assert [registry.load(i).bps_limit for i in ids] == [4 * MiB, 8 * MiB]
