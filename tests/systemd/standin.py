@@ -11,7 +11,7 @@ each in its own greenthread, so several run at once as in a real volume service.
 
 The test drops jobs as SPOOL/jobs/<name>.json ({"kind": "copy"|"convert", "src", "dst",
 "size_mb"}) and reads SPOOL/results/<name>.json: {"ok", "error", "stderr" (dd's, for
-its own clock), "pid"}. SPOOL/ready-<pid>.json says the service is up.
+its own clock), "pid"}. SPOOL/results/ready-<pid>.json says the service is up.
 """
 import site
 import sys
@@ -74,7 +74,7 @@ def main():
     driver = throttle.manager.driver
     jobs = os.path.join(spool, 'jobs')
     seen = set(os.listdir(jobs))  # a restarted service does not redo its predecessor's
-    write_json(os.path.join(spool, 'ready-%d.json' % os.getpid()), {
+    write_json(os.path.join(spool, 'results', 'ready-%d.json' % os.getpid()), {
         'pid': os.getpid(), 'uid': os.getuid(),
         'cgroup': open('/proc/self/cgroup').read().strip(),
         'driver': type(driver).__name__ if driver else None,

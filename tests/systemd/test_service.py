@@ -114,9 +114,9 @@ class Service:
 
     def ready(self, not_pid: int = 0) -> dict:
         def find():
-            for name in os.listdir(SPOOL):
+            for name in os.listdir(self.results):
                 if name.startswith('ready-') and name.endswith('.json'):
-                    info = json.loads(read(os.path.join(SPOOL, name)))
+                    info = json.loads(read(os.path.join(self.results, name)))
                     if info['pid'] != not_pid:
                         return info
             if sh('systemctl', 'is-failed', UNIT, check=False).returncode == 0:
@@ -189,7 +189,7 @@ def start(scratch: Scratch) -> Service:
     os.makedirs(SPOOL, mode=0o755)
     scratch.defer('rm ' + SPOOL, lambda: shutil.rmtree(SPOOL))
     svc = Service(scratch)
-    os.chown(SPOOL, pw.pw_uid, pw.pw_gid)
+    # SPOOL stays root's: the state directory's parents must be (statefiles.StateDir)
     for d in (svc.state, svc.jobs, svc.results):
         os.mkdir(d)
         os.chown(d, pw.pw_uid, pw.pw_gid)
