@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 from cinder_cgroup_throttle import cleanup, demo, privileged, transfer
-from cinder_cgroup_throttle.cgroups import detect, validate_cgroup_path
+from cinder_cgroup_throttle.cgroups import detect, placement, validate_cgroup_path
 from cinder_cgroup_throttle.exception import (CgroupUnavailable, CopyNotFound, InvalidRate,
                                               ThrottleError)
 from cinder_cgroup_throttle.manager import (BACKENDS, DEFAULT_CGROUP, PIPE_COMMAND,
@@ -190,10 +190,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     ok('cgroup layout: %s (v1 blkio: %s; cgroup2: %s, controllers: %s)' % (
         host.layout, host.v1_blkio or 'not mounted', host.v2_root or 'not mounted',
         ' '.join(host.v2_controllers) or 'none'))
+    for line in placement.describe(args.cgroup_name, host):
+        ok('placement of per-copy cgroups, ' + line)
     cgroup_ok = False
     try:
         # As CopyManager does it: directly as root, else through the root helper.
-        driver = privileged.host_driver(args.cgroup_name)
+        driver = privileged.host_driver(placement.place(args.cgroup_name))
         probe = new_copy_id()
         driver.create_leaf(probe)
         driver.remove_leaf(probe, grace=0)  # and the parent, if the probe created it

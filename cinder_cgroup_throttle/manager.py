@@ -16,7 +16,7 @@ import time
 from typing import Dict, Iterator, List, Optional
 
 from cinder_cgroup_throttle import budget, cleanup, devices, pipeline, privileged, relimit
-from cinder_cgroup_throttle.cgroups import CgroupDriver, DeviceLimit
+from cinder_cgroup_throttle.cgroups import CgroupDriver, DeviceLimit, placement
 from cinder_cgroup_throttle.cgroups.base import validate_cgroup_path
 from cinder_cgroup_throttle.exception import (CgroupUnavailable, CopyNotFound,
                                               ThrottleError)
@@ -97,7 +97,9 @@ class CopyManager:
         self.driver: Optional[CgroupDriver] = driver
         if driver is None and backend != 'pv':
             try:
-                self.driver = privileged.host_driver(self.cgroup_name)
+                # Inside a delegated systemd unit or a container's cgroup namespace the
+                # leaves go below the service's own cgroup (cgroups.placement).
+                self.driver = privileged.host_driver(placement.place(self.cgroup_name))
             except CgroupUnavailable as exc:
                 LOG.warning('cgroup throttling unavailable: %s', exc)
                 self._unavailable = exc

@@ -22,7 +22,8 @@ def pytest_configure(config):
     for line in ('kernel: needs root, cgroups, loop devices and cgexec on the real kernel',
                  'cinder: drives the throttle through real Cinder 29 code',
                  'vm: needs what only the VM lane has (pure cgroup v2, device-mapper, '
-                 'kernel-parsed partition tables)'):
+                 'kernel-parsed partition tables)',
+                 'systemd: needs the VM lane booted with systemd as PID 1 (--systemd)'):
         config.addinivalue_line('markers', line)
 
 

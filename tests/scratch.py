@@ -157,3 +157,25 @@ def timed(argv: List[str]) -> float:
         raise AssertionError('%s failed (%d): %s' % (argv, proc.returncode, proc.stderr))
     found = _DD_SECONDS.findall(proc.stderr)
     return float(found[-1]) if found else elapsed
+
+
+# -- oracles on cgroupfs and sysfs, read here, not through the code under test -----------
+def read_text(path: str) -> str:
+    """A file's text, '' when it is gone (a cgroup removed meanwhile)."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ''
+
+
+def majmin(dev: str) -> str:
+    rdev = os.stat(dev).st_rdev
+    return '%d:%d' % (os.major(rdev), os.minor(rdev))
+
+
+def io_wbytes(cgroup: str, dev: str) -> int:
+    """Bytes the v2 cgroup (a directory) wrote to ``dev`` (MAJ:MIN) so far, from io.stat."""
+    match = re.search(r'^%s .*\bwbytes=(\d+)' % dev,
+                      read_text(os.path.join(cgroup, 'io.stat')), re.M)
+    return int(match.group(1)) if match else 0  # no line before the first I/O

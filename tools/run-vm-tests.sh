@@ -2,14 +2,16 @@
 # The VM test lane: the kernel tests on pure cgroup v2 (io.max), device-mapper and
 # kernel-parsed partition tables, in ONE boot of Debian's kernel under QEMU (tools/vm/).
 #
-#   tools/run-vm-tests.sh PYTHON [PYTEST ARGS...]
+#   tools/run-vm-tests.sh PYTHON [--systemd] [PYTEST ARGS...]
 #
 # PYTHON is the project venv's interpreter by its own path (e.g. /tmp/venv/bin/python, not a
 # pyenv shim: a shim costs ~3 s per call under TCG). PYTEST ARGS replace the default
 # selection: the kernel and vm tests of the files that exercise the cgroup path (DEFAULT
 # below); the CLI, pv and policy suites time windows tuned to the host, not to emulation
-# (see tools/vm/README.md). Runs as root; sets the lane up first (tools/vm/setup.sh,
-# cached in .vm/). Exit status: pytest's; 124 if the VM
+# (see tools/vm/README.md); then, in a second boot with systemd as PID 1, the systemd
+# suite (SYSTEMD below: cinder-volume as a unit). --systemd runs only that boot, with
+# PYTEST ARGS if given. Runs as root; sets the lane up first (tools/vm/setup.sh,
+# cached in .vm/). Exit status: pytest's (the worse of the two); 124 if the VM
 # timed out (CCT_VM_TIMEOUT, default 1200 s), 125 if it died.
 set -uo pipefail
 
@@ -20,15 +22,38 @@ shift
 case $PYTHON in /*) ;; *) PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON") ;; esac
 [ -x "$PYTHON" ] || { echo "tools/run-vm-tests.sh: $PYTHON is not an executable" >&2; exit 2; }
 DEFAULT=(-m 'kernel or vm' tests/kernel/test_cgroup_copy.py tests/kernel/test_lifecycle.py
-         tests/kernel/test_devices.py tests/kernel/test_vm_lane.py)
-[ $# -gt 0 ] || set -- "${DEFAULT[@]}"
+         tests/kernel/test_devices.py tests/kernel/test_vm_lane.py
+         tests/kernel/test_containers.py)
+SYSTEMD=(-m systemd tests/systemd)
+PLAIN=1
+if [ "${1:-}" = --systemd ]; then
+    PLAIN=
+    shift
+    [ $# -gt 0 ] || set -- "${SYSTEMD[@]}"
+elif [ $# -eq 0 ]; then
+    set -- "${DEFAULT[@]}"
+else
+    SYSTEMD=()  # own arguments: one plain boot
+fi
 
 t0=$(date +%s)
 bash "$REPO/tools/vm/setup.sh" || exit
 cd "$REPO"
-t1=$(date +%s)
-"$REPO/tools/vm/run.sh" --timeout "${CCT_VM_TIMEOUT:-1200}" -- "$PYTHON" -m pytest "$@"
-rc=$?
-t2=$(date +%s)
-echo "tools/run-vm-tests.sh: exit $rc; setup $((t1 - t0)) s, VM $((t2 - t1)) s" >&2
+rc=0
+if [ -n "$PLAIN" ]; then
+    t1=$(date +%s)
+    "$REPO/tools/vm/run.sh" --timeout "${CCT_VM_TIMEOUT:-1200}" -- "$PYTHON" -m pytest "$@"
+    rc=$?
+    echo "tools/run-vm-tests.sh: plain boot exit $rc; setup $((t1 - t0)) s," \
+         "VM $(($(date +%s) - t1)) s" >&2
+    set -- "${SYSTEMD[@]}"
+fi
+if [ $# -gt 0 ]; then
+    t1=$(date +%s)
+    "$REPO/tools/vm/run.sh" --systemd --timeout "${CCT_VM_TIMEOUT:-1200}" -- \
+        "$PYTHON" -m pytest "$@"
+    src=$?
+    echo "tools/run-vm-tests.sh: systemd boot exit $src; VM $(($(date +%s) - t1)) s" >&2
+    [ "$src" = 0 ] || [ "$rc" != 0 ] || rc=$src
+fi
 exit $rc

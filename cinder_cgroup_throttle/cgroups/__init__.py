@@ -27,6 +27,7 @@ class CgroupHost:
     v1_blkio_readonly: bool = False
     v2_root: Optional[str] = None  # mountpoint of the cgroup2 hierarchy
     v2_readonly: bool = False
+    v2_mount_root: str = '/'  # the cgroup the mount shows as its root (mountinfo field 4)
     v2_controllers: List[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -47,8 +48,11 @@ def detect(mountinfo: str = MOUNTINFO) -> CgroupHost:
                 has_v1 = True
                 if 'blkio' in super_opts and host.v1_blkio is None:
                     host.v1_blkio, host.v1_blkio_readonly = fields[4], readonly
-            elif fstype == 'cgroup2' and host.v2_root is None:
+            elif fstype == 'cgroup2' and host.v2_root in (None, fields[4]):
+                # A later mount on the same point covers the earlier one (a container's
+                # own cgroup2 mounted over the host's).
                 host.v2_root, host.v2_readonly = fields[4], readonly
+                host.v2_mount_root = fields[3]
     if host.v2_root:
         try:
             with open(os.path.join(host.v2_root, 'cgroup.controllers')) as f:

@@ -113,6 +113,10 @@ GENERATED = [
     PRIVSEP,
     PRIVSEP[:1] + CONF + PRIVSEP[1:],
     PRIVSEP[:1] + CONF + ['--config-file', '/etc/cinder/cinder-volume.conf'] + PRIVSEP[1:],
+    # inside a delegated cinder-volume unit (cgroups.placement)
+    ['cgexec', '-g', 'io:system.slice/cinder-volume.service/%s/%s' % (P, LEAF)] + DD,
+    ['cgexec', '-g', 'io:system.slice/openstack-cinder-volume.service/%s/%s' % (P, LEAF)]
+    + ['ionice', '-c3'] + DD,
 ]
 
 
@@ -144,6 +148,9 @@ HOSTILE = {
     'root cgroup': _cg('blkio:/') + DD,
     'root cgroup, empty path': _cg('blkio:') + DD,
     'the parent itself': _cg('blkio:%s' % P) + DD,
+    'another unit': _cg('io:system.slice/ssh.service/%s/%s' % (P, LEAF)) + DD,
+    'the unit itself': _cg('io:system.slice/cinder-volume.service/%s' % LEAF) + DD,
+    'the service\'s own leaf': _cg('io:system.slice/cinder-volume.service/main') + DD,
     'leaf not a copy id': _cg('blkio:%s/system' % P) + DD,
     '.. to escape the parent': _cg('blkio:%s/../%s' % (P, LEAF)) + DD,
     '.. after the leaf': _cg('blkio:%s/%s/..' % (P, LEAF)) + DD,

@@ -9,15 +9,20 @@
 # virtio serial ports, its exit status written to <run dir>/rc; then the VM powers off.
 # The command runs in its own cgroup /cct-lane, as a service on a real v2 host does (the
 # root cgroup is exempt from v2's no-internal-process rule and would hide its errors).
+# With cct.mode=systemd (run.sh --systemd) /init instead hands PID 1 to the host's systemd
+# (switch_root), which runs the command as the oneshot unit cct-lane.service (in
+# /system.slice/cct-lane.service, not delegated: like an operator's shell, the command
+# starts services rather than owning cgroups) and powers off when it ends.
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
 
-RUN= VM_DIR=
+RUN= VM_DIR= MODE=plain
 for word in $(cat /proc/cmdline); do
     case $word in
+        cct.mode=*) MODE=${word#*=} ;;
         cct.run=*) RUN=${word#*=} ;;
         cct.vm_dir=*) VM_DIR=${word#*=} ;;
     esac
@@ -74,8 +79,67 @@ for port in /sys/class/virtio-ports/*; do
 done
 [ "$OUT" != /dev/null ] && [ "$ERR" != /dev/null ] || fail "virtio serial ports not found"
 
-mkdir $R/sys/fs/cgroup/cct-lane || fail "mkdir /sys/fs/cgroup/cct-lane"
-env -i chroot $R /bin/sh -c 'echo $$ > /sys/fs/cgroup/cct-lane/cgroup.procs &&
-    /bin/bash "$1/cmd.sh" </dev/null >"$2" 2>"$3"; echo $? > "$1/rc"' sh "$RUN" "$OUT" "$ERR"
+# The command, its output on the virtio ports and its exit status in <run dir>/rc.
+cat > $R/run/cct-lane.sh <<EOF
+#!/bin/sh
+/bin/bash "$RUN/cmd.sh" </dev/null >"$OUT" 2>"$ERR"
+echo \$? > "$RUN/rc"
 sync
-poweroff -f
+EOF
+chmod 755 $R/run/cct-lane.sh
+
+case $MODE in
+plain)
+    mkdir $R/sys/fs/cgroup/cct-lane || fail "mkdir /sys/fs/cgroup/cct-lane"
+    env -i chroot $R /bin/sh -c 'echo $$ > /sys/fs/cgroup/cct-lane/cgroup.procs &&
+        exec /run/cct-lane.sh'
+    sync
+    poweroff -f
+    ;;
+systemd)
+    U=$R/etc/systemd/system
+    mkdir -p "$U"
+    cat > "$U/cct-lane.target" <<EOF
+[Unit]
+Description=VM lane command
+Requires=cct-lane.service
+Wants=basic.target
+After=cct-lane.service
+AllowIsolate=yes
+EOF
+    cat > "$U/cct-lane.service" <<EOF
+[Unit]
+Description=VM lane command
+After=basic.target
+SuccessAction=poweroff-force
+FailureAction=poweroff-force
+[Service]
+Type=oneshot
+ExecStart=/run/cct-lane.sh
+StandardInput=null
+StandardOutput=journal+console
+TimeoutStartSec=infinity
+EOF
+    # Units that have no business here. systemd-tmpfiles-setup must stay masked: Debian's
+    # tmp.conf ("D /tmp") would empty /tmp, i.e. hide the host's /tmp behind overlay
+    # whiteouts (the host's files are untouched) and walk it over 9p for minutes.
+    for u in systemd-tmpfiles-setup.service systemd-tmpfiles-clean.timer \
+             systemd-tmpfiles-clean.service getty@tty1.service serial-getty@ttyS0.service \
+             systemd-timesyncd.service postgresql.service e2scrub_reap.service \
+             systemd-pstore.service systemd-remount-fs.service apt-daily.timer \
+             apt-daily-upgrade.timer cron.service ssh.service; do
+        ln -sf /dev/null "$U/$u"
+    done
+    # After switch_root the kernel runs the new root's /sbin/modprobe: the host has no kmod,
+    # so busybox (a lane package) stands in, reading the guest's module tree.
+    [ -e $R/sbin/modprobe ] || ln -s /bin/busybox $R/sbin/modprobe
+    if [ -n "$VM_DIR" ] && [ -d "$R$VM_DIR/kernel/lib/modules/$KVER" ]; then
+        mkdir -p "$R/lib/modules/$KVER"
+        mount --bind "$R$VM_DIR/kernel/lib/modules/$KVER" "$R/lib/modules/$KVER"
+    fi
+    exec switch_root $R /lib/systemd/systemd systemd.unit=cct-lane.target
+    ;;
+*)
+    fail "unknown cct.mode=$MODE"
+    ;;
+esac

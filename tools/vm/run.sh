@@ -1,8 +1,11 @@
 #!/bin/bash
 # Run one command as root in a throw-away QEMU VM on Debian's kernel with pure cgroup v2.
 #
-#   tools/vm/run.sh [-m MEM] [--smp N] [--timeout SEC] [--env K=V]... [--] CMD [ARGS...]
+#   tools/vm/run.sh [-m MEM] [--smp N] [--timeout SEC] [--env K=V]... [--systemd] [--] CMD [ARGS...]
 #
+# --systemd boots the host's systemd as PID 1 (about 6-9 s more) and runs CMD as the oneshot
+# unit cct-lane.service, in /system.slice/cct-lane.service (not delegated), with systemctl,
+# systemd-run and unit files under /etc/systemd/system working as on a real host.
 # The guest sees the host's / read-only under a tmpfs overlay (see guest-init.sh), so CMD is
 # the host's own program with the host's files; its writes are discarded with the VM. CMD
 # runs in the caller's cwd with stdin /dev/null and this environment only: PATH, HOME, LANG,
@@ -17,7 +20,7 @@ set -uo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 VM_DIR=${CCT_VM_DIR:-$(cd "$HERE/../.." && pwd)/.vm}
-MEM=3G SMP=1 TIMEOUT=1500
+MEM=3G SMP=1 TIMEOUT=1500 MODE=plain
 ENVS=()
 usage() { sed -n '4p' "$0" | sed 's/^# *//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
@@ -26,6 +29,7 @@ while [ $# -gt 0 ]; do
         --smp) SMP=$2; shift 2 ;;
         --timeout) TIMEOUT=$2; shift 2 ;;
         --env) [[ $2 == [A-Za-z_]*=* ]] || usage; ENVS+=("$2"); shift 2 ;;
+        --systemd) MODE=systemd; shift ;;
         --) shift; break ;;
         -*) usage ;;
         *) break ;;
@@ -64,6 +68,7 @@ trap 'exit 143' TERM
     done
     for kv in "${ENVS[@]}"; do printf 'export %s=%q\n' "${kv%%=*}" "${kv#*=}"; done
     echo 'export CCT_VM=1'
+    echo "export CCT_VM_MODE=$MODE"
     printf 'cd %q\n' "$PWD"
     echo 'set +e'
     printf 'exec'; printf ' %q' "$@"; echo
@@ -75,11 +80,14 @@ mkfifo "$TMP/out" "$TMP/err"
 cat "$TMP/out" & PIDS+=($!)
 cat "$TMP/err" >&2 & PIDS+=($!)
 
+KCMD="console=ttyS0 quiet loglevel=4 panic=-1 cgroup_no_v1=all cct.run=$RUN cct.vm_dir=$VM_DIR"
+KCMD="$KCMD cct.mode=$MODE"
+[ "$MODE" = plain ] || KCMD="$KCMD systemd.unified_cgroup_hierarchy=1 systemd.show_status=0"
 timeout -s TERM -k 10 "$TIMEOUT" qemu-system-x86_64 -name cct-vm \
     -machine pc -accel tcg,thread=multi -cpu max -m "$MEM" -smp "$SMP" \
     -nodefaults -no-user-config -display none -no-reboot \
     -kernel "$VM_DIR/vmlinux" -initrd "$VM_DIR/initramfs.cpio.gz" \
-    -append "console=ttyS0 quiet loglevel=4 panic=-1 cgroup_no_v1=all cct.run=$RUN cct.vm_dir=$VM_DIR" \
+    -append "$KCMD" \
     -serial "file:$TMP/console.log" \
     -device virtio-rng-pci \
     -fsdev local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap \

@@ -3,7 +3,8 @@
 #
 # Idempotent and cached in $CCT_VM_DIR (default: <repo>/.vm, git-ignored); a second run
 # that finds everything in place only checks and returns. As root:
-#   * apt: qemu-system-x86 busybox-static xz-utils dmsetup (only the missing ones);
+#   * apt: qemu-system-x86 busybox-static xz-utils dmsetup systemd (--systemd mode boots the
+#     host's systemd), only the missing ones;
 #   * `apt-get download` of the kernel package linux-image-amd64 depends on, unpacked into
 #     .vm/kernel (never installed: the host keeps its own kernel and /lib/modules);
 #   * .vm/vmlinux: the uncompressed ELF inside vmlinuz; QEMU boots it through its PVH entry,
@@ -16,7 +17,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 VM_DIR=${CCT_VM_DIR:-$REPO/.vm}
-PACKAGES="qemu-system-x86 busybox-static xz-utils dmsetup"
+PACKAGES="qemu-system-x86 busybox-static xz-utils dmsetup systemd"
 # Loaded by /init, in this order; their dependencies come from modules.dep.
 MODULES="virtio_pci virtio_console virtio-rng 9pnet_virtio 9p overlay loop dm-mod"
 
