@@ -273,6 +273,8 @@ class RateProbe:
     how busy the machine is counts: only how fast the kernel let the bytes through.
     """
 
+    from_zero = True  # the counter starts at 0 with the copy (a leaf's, a process's)
+
     def __init__(self, interval: float = 0.005, write: bool = True) -> None:
         self.interval = interval
         self.index = 1 if write else 0
@@ -302,9 +304,12 @@ class RateProbe:
         self._stop.set()
         self._thread.join()
 
+    def base(self, key: str) -> int:
+        return 0 if self.from_zero else self.series[key][0][1]
+
     def total(self, key: str) -> int:
-        """Bytes the counter moved while sampled (a leaf's starts at 0, a device's not)."""
-        return self.series[key][-1][1] - self.series[key][0][1]
+        """Bytes the counter moved (a leaf's starts at 0, a device's where first seen)."""
+        return self.series[key][-1][1] - self.base(key)
 
     def rate(self, key: Optional[str] = None, lo: float = 0.1, hi: float = 0.9,
              total: Optional[int] = None) -> float:
@@ -312,7 +317,7 @@ class RateProbe:
         ``total`` bytes (default: all it moved) from where it was first seen."""
         if key is None:
             (key,) = self.series
-        base = self.series[key][0][1]
+        base = self.base(key)
         total = self.total(key) if total is None else total
         return slope([(t, b) for t, b in self.series[key]
                       if lo * total <= b - base <= hi * total])
@@ -360,7 +365,10 @@ class ProcIoProbe(RateProbe):
 
 
 class DeviceRateProbe(RateProbe):
-    """Bytes written (``write=False``: read) to block devices, from /sys/block/*/stat."""
+    """Bytes written (``write=False``: read) to block devices, from /sys/block/*/stat:
+    counted when a request completes, that is once the throttle let it through."""
+
+    from_zero = False
 
     def __init__(self, *devs: str, **kw) -> None:
         super().__init__(**kw)
