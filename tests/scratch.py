@@ -234,6 +234,22 @@ def leaf_device_bytes(path: str) -> Optional[Dict[str, Tuple[int, int]]]:
     return found
 
 
+def leaf_write_limits(path: str) -> Optional[Dict[str, int]]:
+    """{MAJ:MIN: write bytes/s} in force on a cgroup (v1 ``write_bps_device``, v2
+    ``io.max`` wbps); None once it is gone."""
+    try:
+        if os.path.exists(os.path.join(path, 'io.max')):
+            with open(os.path.join(path, 'io.max')) as f:
+                pairs = [(dev, dict(p.split('=', 1) for p in kv).get('wbps'))
+                         for dev, *kv in (line.split() for line in f if line.strip())]
+        else:
+            with open(os.path.join(path, 'blkio.throttle.write_bps_device')) as f:
+                pairs = [tuple(line.split()) for line in f if line.strip()]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return {dev: int(v) for dev, v in pairs if v and v != 'max'}
+
+
 def leaf_bytes(path: str) -> Optional[Tuple[int, int]]:
     """(bytes read, bytes written) a cgroup counted, summed over devices; None once gone."""
     found = leaf_device_bytes(path)

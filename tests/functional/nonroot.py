@@ -15,7 +15,6 @@ import sys
 import tempfile
 from typing import List
 
-import pytest
 
 from tests.unit.test_rootwrap_filters import EXEC_DIRS, write_filters
 

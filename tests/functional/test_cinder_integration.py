@@ -46,6 +46,7 @@ def leaf_rate(probe, size: int, expected: float, what: str) -> float:
     assert LOW <= rate / expected <= HIGH, '%s: achieved/limit %.3f' % (what, rate / expected)
     return rate
 
+
 CINDER_CONF = """\
 [DEFAULT]
 enabled_backends = lvm-1,lvm-2

@@ -20,8 +20,8 @@ import pytest
 
 from cinder_cgroup_throttle.cgroups import get_driver
 from tests.functional.nonroot import BIN, user_python
-from tests.scratch import (LeafRateProbe, MiB, ProcIoProbe, cgroup_dirs, fill_random, leaf_device_bytes, sha256_prefix,
-                           slope)
+from tests.scratch import (LeafRateProbe, MiB, ProcIoProbe, cgroup_dirs, fill_random,
+                           leaf_device_bytes, leaf_write_limits, sha256_prefix, slope)
 from tests.unit.test_rootwrap_filters import EXEC_DIRS
 
 pytestmark = [pytest.mark.kernel, pytest.mark.cinder]
@@ -214,23 +214,10 @@ EVENTLET_SCRIPT = textwrap.dedent('''
 def leaf_sample(path):
     """(write limit per device, bytes written per device) of a leaf, v1 or v2; read here,
     not through the code under test."""
-    limits = {}
-    try:
-        if os.path.exists(os.path.join(path, 'io.max')):
-            with open(os.path.join(path, 'io.max')) as f:
-                for line in f:
-                    dev, *kv = line.split()
-                    limits[dev] = dict(p.split('=') for p in kv).get('wbps')
-        else:
-            with open(os.path.join(path, 'blkio.throttle.write_bps_device')) as f:
-                limits = dict(line.split() for line in f)
-    except FileNotFoundError:
+    limits, found = leaf_write_limits(path), leaf_device_bytes(path)
+    if limits is None or found is None:
         return None
-    found = leaf_device_bytes(path)
-    if found is None:
-        return None
-    written = {dev: w for dev, (_, w) in found.items()}
-    return {d: int(v) for d, v in limits.items() if v and v != 'max'}, written
+    return limits, {dev: w for dev, (_, w) in found.items()}
 
 
 def leaf_dirs(cgroup_parent):

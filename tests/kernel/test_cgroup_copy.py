@@ -1,4 +1,4 @@
-"""Real copies through per-copy cgroups: bytes verified, rate within generous bounds."""
+"""Real copies through per-copy cgroups: bytes verified, rate by dd's own clock (0.97-1.03)."""
 from __future__ import annotations
 
 import os
@@ -32,8 +32,8 @@ def throttled_copy(manager, src, dst, size, bs, rate=RATE, **kw):
 
 
 def assert_rate(ratio):
-    # Generous bounds: precise ratios are the benchmark's job.
-    assert 0.8 <= ratio <= 1.15, 'achieved/limit %.3f' % ratio
+    print('achieved/limit %.3f' % ratio)  # shown with pytest -s
+    assert 0.97 <= ratio <= 1.03, 'achieved/limit %.3f' % ratio
 
 
 @pytest.mark.parametrize('bs', ['64K', '1M', '4M'])

@@ -13,7 +13,7 @@ import pytest
 from cinder_cgroup_throttle.cgroups import detect, get_driver
 from cinder_cgroup_throttle.cgroups.io_v2 import IoV2Driver
 from cinder_cgroup_throttle.exception import CgroupOperationError
-from tests.scratch import MiB, fill_random, run, sha256_prefix, timed
+from tests.scratch import MiB, fill_random, leaf_device_bytes, run, sha256_prefix, timed
 
 pytestmark = [pytest.mark.vm, pytest.mark.kernel]
 
@@ -37,14 +37,14 @@ def throttled_dd(manager, src: str, dst: str, size: int = SIZE, rate: int = RATE
         seconds = timed(argv)
         seen = {'copy': copy, 'ratio': size / seconds / rate,
                 'io.max': open(os.path.join(leaf, 'io.max')).read(),
-                'io_bytes': manager.driver.io_bytes(copy.id)}
+                'io_bytes': leaf_device_bytes(leaf)}  # read here, not by the driver
     assert not os.path.exists(leaf)
     print('%s -> %s bs=%s: achieved/limit %.3f' % (src, dst, bs, seen['ratio']))
     return seen
 
 
-def assert_rate(ratio: float) -> None:
-    assert 0.8 <= ratio <= 1.15, 'achieved/limit %.3f' % ratio
+def assert_rate(ratio: float) -> None:  # dd's own clock
+    assert 0.97 <= ratio <= 1.03, 'achieved/limit %.3f' % ratio
 
 
 def test_cgroup_hierarchy_is_pure_v2():
@@ -88,7 +88,7 @@ def test_io_max_is_written_for_the_leaf_and_dd_runs_in_it(scratch, manager):
         out, _ = proc.communicate()
         assert proc.returncode == 0
         assert out == '0::/%s/%s\n' % (manager.cgroup_name, copy.id)
-        _, written = driver.io_bytes(copy.id)[majmin(dst)]
+        _, written = leaf_device_bytes(leaf)[majmin(dst)]
         assert written >= SIZE
     assert not os.path.exists(leaf)
     assert sha256_prefix(dst, SIZE) == digest
