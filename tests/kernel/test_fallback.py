@@ -158,7 +158,7 @@ def test_rate_change_reaches_running_pipeline(scratch, pv_manager, state_dir):
     print('pv re-limit 2 -> 16 MiB/s: achieved/limit %.3f -> %.3f'
           % (before / (2 * MiB), after / (16 * MiB)))
     assert_rate(before / (2 * MiB))
-    assert_rate(after / (16 * MiB))
+    assert 0.97 <= after / (16 * MiB) <= 1.05  # pv catches up after a raise (measured)
 
 
 def test_rate_requested_before_the_pipeline_starts_applies_at_start(scratch, pv_manager,

@@ -326,7 +326,8 @@ def test_relimit_mid_copy_pv_backend(scratch, make_throttle, state_dir, pv_on_pa
     assert entry.bps_limit == 16 * MiB
     assert applied_in < 1.0
     assert_ratio(before, OPERATOR, 'pv before re-limit')
-    assert_ratio(after, 16 * MiB, 'pv after re-limit')
+    # pv catches up after a raise: measured 1.004-1.033.
+    assert_ratio(after, 16 * MiB, 'pv after re-limit', high=1.05)
 
 
 def test_static_read_iops_limit_is_applied(scratch, make_throttle):
