@@ -344,4 +344,5 @@ def test_static_read_iops_limit_is_applied(scratch, make_throttle):
     assert sha256_prefix(dst, size) == digest
     iops = size / bs / elapsed
     print('read iops limit 64: measured %.1f reads/s' % iops)
-    assert 0.8 <= iops / 64 <= 1.15
+    # dd's own clock; blk-throttle's iops slices give 0.956-0.966 of the limit (measured).
+    assert 0.93 <= iops / 64 <= 1.03
