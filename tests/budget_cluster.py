@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from tests.scratch import Scratch
+from tests.scratch import Scratch, leaf_bytes, leaf_write_limits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V1 = '/sys/fs/cgroup/blkio'
@@ -144,28 +144,12 @@ class Host:
 
 def leaf_limit(leaf: str) -> Optional[int]:
     """The write limit in force on a leaf (bytes/s), None when it has none."""
-    text = _read(os.path.join(leaf, 'blkio.throttle.write_bps_device'))
-    for line in text.split('\n'):
-        if line.strip():
-            return int(line.split()[1])
-    text = _read(os.path.join(leaf, 'io.max'))
-    for field in text.split():
-        if field.startswith('wbps=') and field != 'wbps=max':
-            return int(field[5:])
-    return None
+    limits = leaf_write_limits(leaf) or {}
+    return next(iter(limits.values()), None)
 
 
 def leaf_written(leaf: str) -> int:
-    total = 0
-    for line in _read(os.path.join(leaf, 'blkio.throttle.io_service_bytes')).split('\n'):
-        parts = line.split()
-        if len(parts) == 3 and parts[1] == 'Write':
-            total += int(parts[2])
-    for line in _read(os.path.join(leaf, 'io.stat')).split('\n'):
-        for field in line.split()[1:]:
-            if field.startswith('wbytes='):
-                total += int(field[7:])
-    return total
+    return (leaf_bytes(leaf) or (0, 0))[1]
 
 
 class Sampler:

@@ -5,17 +5,49 @@ even when the test failed; only objects created here are ever touched.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
-from typing import Callable, List, Optional, Tuple
-
-from cinder_cgroup_throttle.demo import fill_random, sha256_prefix  # noqa: F401 (for tests)
+from typing import Callable, Dict, List, Optional, Tuple
 
 MiB = 1 << 20
+
+
+def fill_random(path: str, size: int) -> str:
+    """Random bytes onto ``path`` (device, or file created if missing), past the page
+    cache so the copy reads the device; returns their sha256."""
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_WRONLY | (0 if os.path.exists(path) else os.O_CREAT), 0o644)
+    try:
+        for offset in range(0, size, 4 * MiB):
+            chunk = memoryview(os.urandom(min(4 * MiB, size - offset)))
+            digest.update(chunk)
+            while chunk:
+                chunk = chunk[os.write(fd, chunk):]
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def sha256_prefix(path: str, size: int) -> str:
+    """sha256 of the first ``size`` bytes of ``path``."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        left = size
+        while left:
+            chunk = f.read(min(left, 4 * MiB))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
 
 
 def pipe_state(copy_id: str, wrapper_pid: int, started: float, done=None) -> dict:
@@ -159,6 +191,214 @@ def timed(argv: List[str]) -> float:
     return float(found[-1]) if found else elapsed
 
 
+def dd_seconds(stderr: str) -> float:
+    """dd's own duration from its summary (the last one when several dds reported)."""
+    found = _DD_SECONDS.findall(stderr)
+    if not found:
+        raise AssertionError('no dd summary in: %r' % stderr)
+    return float(found[-1])
+
+
+# -- rate oracles: the kernel's byte counters, sampled here (never through the code under
+# test), the rate being the slope of the counter over the middle of a copy -----------------
+
+CGROUP_ROOT = '/sys/fs/cgroup'
+
+
+def cgroup_dirs(name: str) -> List[str]:
+    """Where a cgroup called ``name`` lives in cgroupfs: v1 blkio and/or v2."""
+    return [os.path.join(CGROUP_ROOT, sub, name.strip('/')) for sub in ('blkio', '', 'unified')]
+
+
+def leaf_device_bytes(path: str) -> Optional[Dict[str, Tuple[int, int]]]:
+    """{MAJ:MIN: (bytes read, bytes written)} a cgroup counted: v2 ``io.stat``, v1
+    ``blkio.throttle.io_service_bytes``; None once it is gone."""
+    found: Dict[str, Tuple[int, int]] = {}
+    try:
+        if os.path.exists(os.path.join(path, 'io.stat')):
+            with open(os.path.join(path, 'io.stat')) as f:
+                for line in f:
+                    dev, *fields = line.split()
+                    kv = dict(p.split('=', 1) for p in fields if '=' in p)
+                    found[dev] = (int(kv.get('rbytes', 0)), int(kv.get('wbytes', 0)))
+        else:
+            with open(os.path.join(path, 'blkio.throttle.io_service_bytes')) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) == 3 and parts[1] in ('Read', 'Write'):
+                        r, w = found.get(parts[0], (0, 0))
+                        n = int(parts[2])
+                        found[parts[0]] = (r + n, w) if parts[1] == 'Read' else (r, w + n)
+    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+        return None
+    return found
+
+
+def leaf_write_limits(path: str) -> Optional[Dict[str, int]]:
+    """{MAJ:MIN: write bytes/s} in force on a cgroup (v1 ``write_bps_device``, v2
+    ``io.max`` wbps); None once it is gone."""
+    try:
+        if os.path.exists(os.path.join(path, 'io.max')):
+            with open(os.path.join(path, 'io.max')) as f:
+                pairs = [(dev, dict(p.split('=', 1) for p in kv).get('wbps'))
+                         for dev, *kv in (line.split() for line in f if line.strip())]
+        else:
+            with open(os.path.join(path, 'blkio.throttle.write_bps_device')) as f:
+                pairs = [tuple(line.split()) for line in f if line.strip()]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return {dev: int(v) for dev, v in pairs if v and v != 'max'}
+
+
+def leaf_bytes(path: str) -> Optional[Tuple[int, int]]:
+    """(bytes read, bytes written) a cgroup counted, summed over devices; None once gone."""
+    found = leaf_device_bytes(path)
+    if found is None:
+        return None
+    return sum(r for r, _ in found.values()), sum(w for _, w in found.values())
+
+
+def proc_wchar(pid: int) -> Optional[Tuple[int, int]]:
+    """(rchar, wchar) of a process from /proc/<pid>/io: what its read(2)/write(2) moved."""
+    try:
+        with open('/proc/%d/io' % pid) as f:
+            kv = dict(line.split(': ') for line in f.read().splitlines())
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(kv['rchar']), int(kv['wchar'])
+
+
+def slope(points: List[Tuple[float, int]]) -> float:
+    """Least-squares bytes/s through (time, bytes) points."""
+    n = len(points)
+    if n < 3:
+        raise AssertionError('too few counter steps to measure a rate: %s' % points)
+    mt = sum(t for t, _ in points) / n
+    mb = sum(b for _, b in points) / n
+    den = sum((t - mt) ** 2 for t, _ in points)
+    return sum((t - mt) * (b - mb) for t, b in points) / den
+
+
+class RateProbe:
+    """Samples byte counters in a background thread during a copy.
+
+    ``series[key]`` are the (time first seen, bytes) steps of each counter: a counter moves
+    a block at a time, so the time it is first seen at a value is when that block was done.
+    Rates are least-squares slopes through the steps of the middle of a copy (by default
+    from 10 % to 90 % of its bytes), so neither process start-up nor the end of a copy nor
+    how busy the machine is counts: only how fast the kernel let the bytes through.
+    """
+
+    from_zero = True  # the counter starts at 0 with the copy (a leaf's, a process's)
+
+    def __init__(self, interval: float = 0.005, write: bool = True) -> None:
+        self.interval = interval
+        self.index = 1 if write else 0
+        self.series: Dict[str, List[Tuple[float, int]]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def counters(self) -> Dict[str, Optional[Tuple[int, int]]]:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for key, value in self.counters().items():
+                now = time.monotonic()
+                if value is None:
+                    continue
+                steps = self.series.setdefault(key, [])
+                if not steps or steps[-1][1] != value[self.index]:
+                    steps.append((now, value[self.index]))
+            time.sleep(self.interval)
+
+    def __enter__(self) -> 'RateProbe':
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def base(self, key: str) -> int:
+        return 0 if self.from_zero else self.series[key][0][1]
+
+    def total(self, key: str) -> int:
+        """Bytes the counter moved (a leaf's starts at 0, a device's where first seen)."""
+        return self.series[key][-1][1] - self.base(key)
+
+    def rate(self, key: Optional[str] = None, lo: float = 0.1, hi: float = 0.9,
+             total: Optional[int] = None) -> float:
+        """Bytes/s of ``key`` (the only counter when None) between ``lo`` and ``hi`` of
+        ``total`` bytes (default: all it moved) from where it was first seen."""
+        if key is None:
+            (key,) = self.series
+        base = self.base(key)
+        total = self.total(key) if total is None else total
+        return slope([(t, b) for t, b in self.series[key]
+                      if lo * total <= b - base <= hi * total])
+
+    def rates(self, **kw) -> Dict[str, float]:
+        return {key: self.rate(key, **kw) for key in self.series}
+
+    def window(self, key: str, t0: float, t1: float) -> float:
+        """Bytes/s of ``key`` from the steps seen between monotonic times t0 and t1."""
+        return slope([(t, b) for t, b in self.series.get(key, []) if t0 <= t <= t1])
+
+
+class LeafRateProbe(RateProbe):
+    """Every copy leaf under the cgroup parent ``parent`` (its name), v1 or v2, keyed by
+    the leaf's name; bytes written (``write=False``: read)."""
+
+    def __init__(self, parent: str, **kw) -> None:
+        super().__init__(**kw)
+        self.parents = cgroup_dirs(parent)
+
+    def counters(self) -> Dict[str, Optional[Tuple[int, int]]]:
+        found = {}
+        for parent in self.parents:
+            try:
+                leaves = [e.name for e in os.scandir(parent) if e.is_dir()]
+            except FileNotFoundError:
+                continue
+            for leaf in leaves:
+                found[leaf] = leaf_bytes(os.path.join(parent, leaf))
+        return found
+
+
+class ProcIoProbe(RateProbe):
+    """The wchar (``write=False``: rchar) of processes, keyed by the name given."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.pids: Dict[str, int] = {}
+
+    def watch(self, key: str, pid: int) -> None:
+        self.pids = dict(self.pids, **{key: pid})
+
+    def counters(self) -> Dict[str, Optional[Tuple[int, int]]]:
+        return {key: proc_wchar(pid) for key, pid in self.pids.items()}
+
+
+class DeviceRateProbe(RateProbe):
+    """Bytes written (``write=False``: read) to block devices, from /sys/block/*/stat:
+    counted when a request completes, that is once the throttle let it through."""
+
+    from_zero = False
+
+    def __init__(self, *devs: str, **kw) -> None:
+        super().__init__(**kw)
+        self.devs = devs
+
+    def counters(self) -> Dict[str, Optional[Tuple[int, int]]]:
+        found = {}
+        for dev in self.devs:
+            with open('/sys/block/%s/stat' % os.path.basename(os.path.realpath(dev))) as f:
+                fields = f.read().split()
+            found[dev] = (int(fields[2]) * 512, int(fields[6]) * 512)
+        return found
+
+
 # -- oracles on cgroupfs and sysfs, read here, not through the code under test -----------
 def read_text(path: str) -> str:
     """A file's text, '' when it is gone (a cgroup removed meanwhile)."""
@@ -175,7 +415,6 @@ def majmin(dev: str) -> str:
 
 
 def io_wbytes(cgroup: str, dev: str) -> int:
-    """Bytes the v2 cgroup (a directory) wrote to ``dev`` (MAJ:MIN) so far, from io.stat."""
-    match = re.search(r'^%s .*\bwbytes=(\d+)' % dev,
-                      read_text(os.path.join(cgroup, 'io.stat')), re.M)
-    return int(match.group(1)) if match else 0  # no line before the first I/O
+    """Bytes the cgroup (a directory) wrote to ``dev`` (MAJ:MIN) so far; 0 before its
+    first I/O or once it is gone."""
+    return (leaf_device_bytes(cgroup) or {}).get(dev, (0, 0))[1]

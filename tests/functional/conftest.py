@@ -9,7 +9,7 @@ from tests.functional.nonroot import Deployment, deploy
 @pytest.fixture(scope='session')
 def cinder_modules():
     """Cinder's copy paths, set up as cinder-volume runs them, but in-process as root."""
-    cinder = pytest.importorskip('cinder', reason='cinder==29.0.0 is not installed')
+    import cinder  # requirements.txt: missing, it is a broken install, not a skip
     from cinder.image import image_utils
     import cinder.privsep
     from cinder.volume import throttling, volume_utils

@@ -15,7 +15,6 @@ import sys
 import tempfile
 from typing import List
 
-import pytest
 
 from tests.unit.test_rootwrap_filters import EXEC_DIRS, write_filters
 
@@ -43,8 +42,8 @@ class Deployment:
 
 def deploy(scratch, cgroup_parent: str) -> Deployment:
     """User, sudoers rule, rootwrap config and state dir; all removed with ``scratch``."""
-    if not shutil.which('sudo') or not shutil.which('runuser'):
-        pytest.skip('sudo and runuser are needed (apt-get install sudo util-linux)')
+    for tool in ('sudo', 'runuser'):  # tools/bootstrap.sh installs them
+        assert shutil.which(tool), '%s is needed (apt-get install sudo util-linux)' % tool
     user = 'cct-nr-%d' % os.getpid()
     run('useradd', '--system', '--no-create-home', '--shell', '/usr/sbin/nologin', user)
     scratch.defer('userdel ' + user, lambda: run('userdel', user))
@@ -84,4 +83,4 @@ def user_python(user: str) -> str:
         if subprocess.run(['runuser', '-u', user, '--', python, '-c', 'pass'],
                           capture_output=True).returncode == 0:
             return python
-    pytest.skip('no python%d.%d that %s can run' % (sys.version_info[:2] + (user,)))
+    raise AssertionError('no python%d.%d that %s can run' % (sys.version_info[:2] + (user,)))

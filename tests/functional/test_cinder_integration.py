@@ -21,12 +21,11 @@ import re
 import shutil
 import socket
 import tempfile
-import time
 
 import pytest
 
 from cinder_cgroup_throttle.registry import Registry
-from tests.scratch import MiB, fill_random, sha256_prefix
+from tests.scratch import LeafRateProbe, MiB, dd_seconds, fill_random, sha256_prefix
 
 pytestmark = [pytest.mark.kernel, pytest.mark.cinder]
 
@@ -35,6 +34,18 @@ KEY = 'volume_copy_bps_limit'
 HOST = socket.gethostname()
 DEVICE_SIZE = 32 * MiB
 FLOOR = 4 * MiB  # volume_copy_min_bps_limit: the least a tenant's metadata can ask for
+LOW, HIGH = 0.97, 1.03  # the copy leaf's byte counter over 10-90 % of the copy
+
+
+def leaf_rate(probe, size: int, expected: float, what: str) -> float:
+    """The one copy leaf the probe saw wrote ``size`` bytes at ``expected`` bytes/s."""
+    (leaf,) = probe.series
+    assert probe.total(leaf) >= size, probe.series
+    rate = probe.rate(leaf)
+    print('%s: %.2f MiB/s, achieved/limit %.3f' % (what, rate / MiB, rate / expected))
+    assert LOW <= rate / expected <= HIGH, '%s: achieved/limit %.3f' % (what, rate / expected)
+    return rate
+
 
 CINDER_CONF = """\
 [DEFAULT]
@@ -150,7 +161,7 @@ def set_throttle(cinder_volume, cinder_modules, state_dir):
 
 
 def test_config_step_installs_our_throttle(scratch, cinder_volume, cinder_modules,
-                                           set_throttle):
+                                           set_throttle, cgroup_parent):
     from cinder.volume.drivers.lvm import LVMVolumeDriver
 
     from cinder_cgroup_throttle.cinder_hook import PolicyThrottle
@@ -164,25 +175,31 @@ def test_config_step_installs_our_throttle(scratch, cinder_volume, cinder_module
     assert throttle.config.bps_limit == BACKEND_RATE
     src, dst = scratch.loop(32), scratch.loop(32)
     digest = fill_random(src, 24 * MiB)
-    t0 = time.monotonic()
-    volume_utils.copy_volume(src, dst, 24, '1M')
-    rate = 24 * MiB / (time.monotonic() - t0)
+    with LeafRateProbe(cgroup_parent) as probe:
+        volume_utils.copy_volume(src, dst, 24, '1M')
     assert sha256_prefix(dst, 24 * MiB) == digest
-    print('copy_volume under the installed throttle: %.2f MiB/s' % (rate / MiB))
-    assert 0.8 <= rate / BACKEND_RATE <= 1.15
+    leaf_rate(probe, 24 * MiB, BACKEND_RATE, 'copy_volume under the installed throttle')
 
 
 def test_explicit_zero_in_backend_section_disables(scratch, cinder_modules, set_throttle,
-                                                   caplog):
+                                                   caplog, cgroup_parent):
     volume_utils = cinder_modules[2]
     throttle = set_throttle('lvm-2')
     assert throttle.config.bps_limit == 0
     src, dst = scratch.loop(32), scratch.loop(32)
     fill_random(src, 24 * MiB)
-    t0 = time.monotonic()
-    with caplog.at_level(logging.DEBUG, logger='oslo_concurrency.processutils'):
-        volume_utils.copy_volume(src, dst, 24, '1M')
-    rate = 24 * MiB / (time.monotonic() - t0)
+    errs = []
+
+    def execute(*cmd, **kw):  # Cinder's own executor; keeps dd's summary (its own clock)
+        out, err = cinder_modules[0].utils.execute(*cmd, **kw)
+        errs.append(err)
+        return out, err
+
+    with LeafRateProbe(cgroup_parent) as probe:
+        with caplog.at_level(logging.DEBUG, logger='oslo_concurrency.processutils'):
+            volume_utils.copy_volume(src, dst, 24, '1M', execute=execute)
+    assert probe.series == {}, 'an unthrottled copy got a cgroup: %s' % probe.series
+    rate = 24 * MiB / dd_seconds(errs[-1])
     commands = re.findall(r'Running cmd \(subprocess\): (.*)', caplog.text)
     copies = [c for c in commands if 'count=%d' % (24 * MiB) in c]
     print('lvm-2 (volume_copy_bps_limit = 0): %.1f MiB/s, unthrottled: %s'
@@ -203,7 +220,8 @@ def test_explicit_zero_in_backend_section_disables(scratch, cinder_modules, set_
         'user-cannot-go-below-floor', 'user-cannot-raise', 'admin-raises',
         'admin-raises-user-context', 'invalid-ignored'])
 def test_migration_copy_honours_volume_metadata(scratch, cinder_volume, set_throttle, caplog,
-                                                user, admin, user_context, expected):
+                                                cgroup_parent, user, admin, user_context,
+                                                expected):
     """``user_context``: a tenant's retype; the volumes were loaded by a non-admin request,
     so Cinder did not load their admin metadata: the hook must read it itself. Else an
     admin's migration, which a tenant's metadata must not slow down."""
@@ -241,20 +259,15 @@ def test_migration_copy_honours_volume_metadata(scratch, cinder_volume, set_thro
     digest = fill_random(manager.devices[src.id], DEVICE_SIZE)
     assert getattr(volume_manager.VolumeManager._copy_volume_data,
                    '__cinder_cgroup_throttle__', False)
-    with caplog.at_level(logging.DEBUG, logger='cinder.volume.volume_utils'):
+    with LeafRateProbe(cgroup_parent) as probe:
         manager._copy_volume_data(ctxt, src, dst)
     assert sha256_prefix(manager.devices[dst.id], DEVICE_SIZE) == digest
-    # dd's own duration as Cinder measures it (attach and RPC time excluded).
-    durations = re.findall(r'Volume copy details: .* duration ([\d.]+) sec', caplog.text)
-    assert len(durations) == 1, caplog.text
-    rate = DEVICE_SIZE / float(durations[0])
-    print('_copy_volume_data, metadata %r admin %r: %.2f MiB/s (expected %.2f)'
-          % (user, admin, rate / MiB, expected / MiB))
-    assert 0.8 <= rate / expected <= 1.15
+    leaf_rate(probe, DEVICE_SIZE, expected,
+              '_copy_volume_data, metadata %r admin %r' % (user, admin))
 
 
 def test_wipe_of_a_deleted_volume_ignores_tenant_metadata(scratch, cinder_modules,
-                                                          set_throttle, caplog):
+                                                          set_throttle, cgroup_parent):
     """Cinder's own clear_volume (LVM's delete_volume wipes with it), inside what the
     wrapped ``delete_volume`` records: a tenant's 1 B/s cannot leave it in 'deleting'."""
     from cinder_cgroup_throttle import cinder_hook, policy
@@ -262,15 +275,10 @@ def test_wipe_of_a_deleted_volume_ignores_tenant_metadata(scratch, cinder_module
     set_throttle('lvm-1')
     device = scratch.loop(32)
     gone = {'id': 'deleted-volume', 'metadata': {KEY: '1'}, 'admin_metadata': {}}
-    with caplog.at_level(logging.DEBUG, logger='cinder.volume.volume_utils'):
+    with LeafRateProbe(cgroup_parent) as probe:
         with cinder_hook.copying(gone, kind=policy.WIPE):
             volume_utils.clear_volume(1, device, volume_clear='zero',
                                       volume_clear_size=DEVICE_SIZE // MiB)
     with open(device, 'rb') as f:
         assert f.read(DEVICE_SIZE) == bytes(DEVICE_SIZE)
-    durations = re.findall(r'Volume copy details: .* duration ([\d.]+) sec', caplog.text)
-    assert len(durations) == 1, caplog.text
-    rate = DEVICE_SIZE / float(durations[0])
-    print('wipe with tenant metadata 1 B/s: %.2f MiB/s (expected %.2f)'
-          % (rate / MiB, BACKEND_RATE / MiB))
-    assert 0.8 <= rate / BACKEND_RATE <= 1.15
+    leaf_rate(probe, DEVICE_SIZE, BACKEND_RATE, 'wipe with tenant metadata 1 B/s')

@@ -1,4 +1,4 @@
-"""Real copies through per-copy cgroups: bytes verified, rate within generous bounds."""
+"""Real copies through per-copy cgroups: bytes verified, rate by dd's own clock."""
 from __future__ import annotations
 
 import os
@@ -31,9 +31,14 @@ def throttled_copy(manager, src, dst, size, bs, rate=RATE, **kw):
     return size / elapsed / rate
 
 
+# dd's own clock. In the VM lane (TCG emulation, tools/run-vm-tests.sh) dd's own CPU time
+# is part of it: measured 0.905-0.994 there (dm-linear the slowest), 1.003-1.014 on hosts.
+LOW = 0.85 if os.environ.get('CCT_VM') == '1' else 0.97
+
+
 def assert_rate(ratio):
-    # Generous bounds: precise ratios are the benchmark's job.
-    assert 0.8 <= ratio <= 1.15, 'achieved/limit %.3f' % ratio
+    print('achieved/limit %.3f' % ratio)  # shown with pytest -s
+    assert LOW <= ratio <= 1.03, 'achieved/limit %.3f' % ratio
 
 
 @pytest.mark.parametrize('bs', ['64K', '1M', '4M'])

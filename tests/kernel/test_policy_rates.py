@@ -1,4 +1,4 @@
-"""Each limits rule, measured on real throttled copies (bytes verified, rates 0.8-1.15).
+"""Each limits rule, measured on real throttled copies (bytes verified, rates 0.97-1.03).
 
 * volume metadata lowers a copy's rate; user metadata cannot raise it, admin metadata can;
   an invalid value is ignored and the operator's rate applies;
@@ -6,9 +6,10 @@
 * a re-limit mid-copy, from another process (the CLI) and from Python, changes the rate
   within 1 s.
 
-Rates are measured over a window in the middle of each copy from the kernel's byte
-counters (the copy's leaf cgroup; the destination device for the pv fallback), so process
-start-up on a loaded machine does not count; windows see >= 16 blocks.
+Rates are least-squares slopes of the kernel's byte counters, sampled by the test itself
+(tests/scratch.py: the copy's leaf cgroup in cgroupfs; the writer dd's /proc/<pid>/io for
+the pv fallback) over the middle of each copy or a window in it, so neither process
+start-up nor how busy the machine is counts; windows see >= 16 blocks.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from cinder_cgroup_throttle.manager import PIPE_COMMAND
 from cinder_cgroup_throttle.registry import Registry
 from cinder_cgroup_throttle.sharing import StaticLimits
 from tests.kernel.test_cgroup_copy import dd_argv
-from tests.scratch import MiB, fill_random, sha256_prefix, timed
+from tests.scratch import (LeafRateProbe, MiB, ProcIoProbe, RateProbe, fill_random,
+                           sha256_prefix, timed)
 
 pytestmark = pytest.mark.kernel
 
@@ -38,9 +40,13 @@ OPERATOR = 8 * MiB
 KEY = 'volume_copy_bps_limit'
 
 
-def assert_ratio(measured: float, expected: float, what: str) -> None:
+LOW, HIGH = 0.97, 1.03
+
+
+def assert_ratio(measured: float, expected: float, what: str, high: float = HIGH) -> None:
     ratio = measured / expected
-    assert 0.8 <= ratio <= 1.15, '%s: %.2f MiB/s, expected %.2f (ratio %.3f)' % (
+    print('%s: achieved/limit %.3f' % (what, ratio))
+    assert LOW <= ratio <= high, '%s: %.2f MiB/s, expected %.2f (ratio %.3f)' % (
         what, measured / MiB, expected / MiB, ratio)
 
 
@@ -67,29 +73,23 @@ def make_throttle(cgroup_parent, state_dir):
     assert not Registry(state_dir).entries(), 'registry entries left behind'
 
 
-def leaf_written(throttle: PolicyThrottle) -> Dict[str, int]:
-    """Bytes written so far by each active copy (its limit is on the destination)."""
-    driver = throttle.manager.driver
-    return {c.id: sum(w for _, w in driver.io_bytes(c.id).values())
-            for c in throttle.manager.active()}
-
-
 def window_for(rate: float, bs: int = MiB) -> float:
     """Seconds of measuring that see >= 16 blocks: counters move a block at a time."""
     return max(2.0, 16 * bs / rate)
 
 
-def window_rates(sample: Callable[[], Dict[str, int]], seconds: float) -> Dict[str, float]:
-    before, t0 = sample(), time.monotonic()
+def window_rates(probe: RateProbe, seconds: float) -> Dict[str, float]:
+    """Bytes/s of every counter the probe sees move in the next ``seconds``."""
+    t0 = time.monotonic()
     time.sleep(seconds)
-    after, t1 = sample(), time.monotonic()
-    return {k: (after[k] - before[k]) / (t1 - t0) for k in before if k in after}
+    t1 = time.monotonic()
+    return {k: probe.window(k, t0, t1) for k, steps in probe.series.items()
+            if len([t for t, _ in steps if t0 <= t <= t1]) >= 3}
 
 
-def device_written(dev: str) -> int:
-    """Bytes written to a (scratch, ours alone) block device, from the kernel's counters."""
-    with open('/sys/block/%s/stat' % os.path.basename(dev)) as f:
-        return int(f.read().split()[6]) * 512
+def leaf_probe(throttle: PolicyThrottle) -> LeafRateProbe:
+    """Samples the copy leaves under the throttle's cgroup parent, from cgroupfs."""
+    return LeafRateProbe(throttle.config.cgroup_name)
 
 
 def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
@@ -108,21 +108,15 @@ def copy_volume(throttle: PolicyThrottle, src: str, dst: str, size: int,
             return size / timed(dd_argv(cmd['prefix'], src, dst, size, bs))
 
 
-def measured_copy(throttle: PolicyThrottle, src: str, dst: str, size: int, window: float,
+def measured_copy(throttle: PolicyThrottle, src: str, dst: str, size: int,
                   volumes=()) -> float:
-    """Like copy_volume, but the rate comes from the leaf's byte counter over the middle
-    of the copy, so process start-up on a loaded machine does not count."""
-    with copying(*volumes):
+    """Like copy_volume, but the rate is the leaf's byte counter over 10-90 % of the copy."""
+    with copying(*volumes), leaf_probe(throttle) as probe:
         with throttle.subcommand(src, dst) as cmd:
-            proc = subprocess.Popen(dd_argv(cmd['prefix'], src, dst, size, '1M'),
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            try:
-                (copy,) = throttle.manager.active()
-                time.sleep(0.5)
-                rate = window_rates(lambda: leaf_written(throttle), window)[copy.id]
-            finally:
-                assert proc.wait(timeout=60) == 0, proc.stderr.read()
-    return rate
+            (copy,) = throttle.manager.active()
+            timed(dd_argv(cmd['prefix'], src, dst, size, '1M'))
+    assert probe.total(copy.id) >= size, probe.series
+    return probe.rate(copy.id)
 
 
 @pytest.mark.parametrize('metadata, expected', [
@@ -135,14 +129,13 @@ def measured_copy(throttle: PolicyThrottle, src: str, dst: str, size: int, windo
         'invalid-ignored'])
 def test_metadata_rate(scratch, make_throttle, caplog, metadata, expected):
     throttle = make_throttle()
-    window = window_for(expected)
-    size = int(expected * (window + 1.5)) // MiB * MiB  # the window ends before the copy
+    size = int(expected * window_for(expected) * 1.25) // MiB * MiB  # 80 %: >= 16 blocks
     src, dst = scratch.loop(size // MiB + 8), scratch.loop(size // MiB + 8)
     digest = fill_random(src, size)
     volume = dict({'id': 'vol-%s' % expected, 'metadata': {}, 'admin_metadata': {}},
                   **metadata)
     with caplog.at_level(logging.INFO, logger='cinder_cgroup_throttle.policy'):
-        rate = measured_copy(throttle, src, dst, size, window, [volume])
+        rate = measured_copy(throttle, src, dst, size, [volume])
     assert sha256_prefix(dst, size) == digest
     print('metadata %s: %.2f MiB/s (expected %.2f)' % (metadata, rate / MiB, expected / MiB))
     assert_ratio(rate, expected, 'metadata %s' % metadata)
@@ -168,21 +161,23 @@ def test_host_cap_is_shared_fairly_and_rebalanced(scratch, make_throttle):
             errors.append(exc)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    probe = leaf_probe(throttle).__enter__()
     for t in threads:
         t.start()
     try:
         wait_for(lambda: len(throttle.manager.active()) == 3, 'three active copies')
         time.sleep(0.5)
-        three = window_rates(lambda: leaf_written(throttle), window_for(cap / 3))
+        three = window_rates(probe, window_for(cap / 3))
         limits = sorted(c.bps_limit for c in throttle.manager.active())
         threads[0].join(timeout=30)
         assert not threads[0].is_alive()
         time.sleep(0.5)
-        two = window_rates(lambda: leaf_written(throttle), window_for(cap / 2))
+        two = window_rates(probe, window_for(cap / 2))
         limits_two = sorted(c.bps_limit for c in throttle.manager.active())
     finally:
         for t in threads:
             t.join(timeout=60)
+        probe.__exit__()
     assert not errors, errors
     for (src, dst), digest, size in zip(pairs, digests, sizes):
         assert sha256_prefix(dst, size) == digest
@@ -208,6 +203,7 @@ def test_own_limit_below_fair_share_leaves_the_rest_to_others(scratch, make_thro
     fill_random(b_src, 32 * MiB)
     slow = threading.Thread(target=copy_volume, args=(
         throttle, a_src, a_dst, 8 * MiB, [{'id': 'slow', 'metadata': {KEY: '2Mi'}}], '256K'))
+    probe = leaf_probe(throttle).__enter__()
     slow.start()
     try:
         wait_for(lambda: len(throttle.manager.active()) == 1, 'the slow copy')
@@ -217,8 +213,7 @@ def test_own_limit_below_fair_share_leaves_the_rest_to_others(scratch, make_thro
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 try:
                     time.sleep(0.5)
-                    rates = window_rates(lambda: leaf_written(throttle),
-                                         window_for(2 * MiB, 256 * 1024))
+                    rates = window_rates(probe, window_for(2 * MiB, 256 * 1024))
                     active = throttle.manager.active()
                     limits = {c.volume_id: c.bps_limit for c in active}
                     rates = {c.volume_id: rates[c.id] for c in active}
@@ -226,11 +221,14 @@ def test_own_limit_below_fair_share_leaves_the_rest_to_others(scratch, make_thro
                     assert proc.wait(timeout=60) == 0, proc.stderr.read()
     finally:
         slow.join(timeout=60)
+        probe.__exit__()
     print('cap 12 MiB/s, one copy asks 2 MiB/s: %s MiB/s'
           % {k: round(v / MiB, 2) for k, v in rates.items()})
     assert limits == {'slow': 2 * MiB, 'fast': 10 * MiB}
     assert_ratio(rates['slow'], 2 * MiB, 'the copy asking 2 MiB/s')
-    assert_ratio(rates['fast'], 10 * MiB, 'the copy without own limit')
+    # 10 MiB/s in 1 MiB writes is one bio per 100 ms throttle slice: blk-throttle lets
+    # 1.02-1.03 of it through (measured), the kernel's granularity, not the throttle's.
+    assert_ratio(rates['fast'], 10 * MiB, 'the copy without own limit', high=1.05)
 
 
 def cli() -> List[str]:
@@ -262,9 +260,10 @@ def test_relimit_mid_copy_from_cli_and_python(scratch, make_throttle, state_dir)
     # Long enough for every window even when the CLI starts slowly (seconds under the VM
     # lane's emulation); sped up once measured.
     volume = {'id': 'c0ffee00-0000-4000-8000-000000000001'}
-    with running_copy(scratch, throttle, volume['id'], 256) as (proc, copy, dst):
+    with leaf_probe(throttle) as probe, \
+            running_copy(scratch, throttle, volume['id'], 256) as (proc, copy, dst):
         time.sleep(0.5)
-        before = window_rates(lambda: leaf_written(throttle), 3.0)[copy.id]
+        before = window_rates(probe, 3.0)[copy.id]
         assert proc.poll() is None, 'the copy ended inside a window'
         # Another process, by volume id, as an operator would.
         t0 = time.monotonic()
@@ -275,14 +274,13 @@ def test_relimit_mid_copy_from_cli_and_python(scratch, make_throttle, state_dir)
         entry = Registry(state_dir).load(copy.id)
         assert entry.bps_limit == 4 * MiB
         time.sleep(0.5)
-        slower = window_rates(lambda: leaf_written(throttle),
-                              window_for(4 * MiB))[copy.id]
+        slower = window_rates(probe, window_for(4 * MiB))[copy.id]
         # This process, by copy id.
         t0 = time.monotonic()
         relimit.set_limit(copy.id, 16 * MiB, Registry(state_dir))
         applied_in = time.monotonic() - t0
         time.sleep(1.0)  # past the burst blk-throttle allows right after a raise
-        faster = window_rates(lambda: leaf_written(throttle), 2.0)[copy.id]
+        faster = window_rates(probe, 2.0)[copy.id]
         assert proc.poll() is None, 'the copy ended inside a window'
         relimit.set_limit(copy.id, 2**30, Registry(state_dir))  # finish it
     print('re-limit: %.2f -> (CLI 4Mi, %.2f s with start-up) %.2f -> (Python 16Mi, applied '
@@ -300,28 +298,27 @@ def pv_on_path(monkeypatch):
     if not shutil.which(PIPE_COMMAND):
         monkeypatch.setenv('PATH', os.path.dirname(sys.executable) + os.pathsep
                            + os.environ.get('PATH', ''))
-    for tool in (PIPE_COMMAND, 'pv'):
-        if not shutil.which(tool):
-            pytest.skip('%s is not installed' % tool)
+    for tool in (PIPE_COMMAND, 'pv'):  # tools/bootstrap.sh installs them
+        assert shutil.which(tool), '%s is not installed' % tool
 
 
 def test_relimit_mid_copy_pv_backend(scratch, make_throttle, state_dir, pv_on_path):
     throttle = make_throttle(backend='pv')
     volume = {'id': 'c0ffee00-0000-4000-8000-000000000002'}
-    with running_copy(scratch, throttle, volume['id'], 160) as (proc, copy, dst):
+    with ProcIoProbe() as probe, \
+            running_copy(scratch, throttle, volume['id'], 160) as (proc, copy, dst):
         assert copy.backend == 'pv'
-        wait_for(lambda: pipeline.read_pipe_state(state_dir, copy.id), 'the pipeline')
-
-        def sample() -> Dict[str, int]:
-            return {copy.id: device_written(dst)}
-
+        wait_for(lambda: (pipeline.read_pipe_state(state_dir, copy.id) or {}).get('pids'),
+                 'the pipeline')
+        # pv's output as the writer dd write(2)s it, from its /proc/<pid>/io.
+        probe.watch(copy.id, pipeline.read_pipe_state(state_dir, copy.id)['pids']['writer dd'])
         time.sleep(0.5)
-        before = window_rates(sample, 3.0)[copy.id]
+        before = window_rates(probe, 3.0)[copy.id]
         t0 = time.monotonic()
         entry = relimit.set_limit(volume['id'], 16 * MiB, Registry(state_dir))
         applied_in = time.monotonic() - t0  # returns once pv -R is done
         time.sleep(0.5)
-        after = window_rates(sample, 2.0)[copy.id]
+        after = window_rates(probe, 2.0)[copy.id]
         assert proc.poll() is None, 'the copy ended inside a window'
         relimit.set_limit(copy.id, 2**30, Registry(state_dir))  # finish it
     print('pv re-limit: %.2f -> (16Mi, applied in %.3f s) %.2f MiB/s'
@@ -329,7 +326,8 @@ def test_relimit_mid_copy_pv_backend(scratch, make_throttle, state_dir, pv_on_pa
     assert entry.bps_limit == 16 * MiB
     assert applied_in < 1.0
     assert_ratio(before, OPERATOR, 'pv before re-limit')
-    assert_ratio(after, 16 * MiB, 'pv after re-limit')
+    # pv catches up after a raise: measured 1.004-1.033.
+    assert_ratio(after, 16 * MiB, 'pv after re-limit', high=1.05)
 
 
 def test_static_read_iops_limit_is_applied(scratch, make_throttle):
@@ -346,4 +344,5 @@ def test_static_read_iops_limit_is_applied(scratch, make_throttle):
     assert sha256_prefix(dst, size) == digest
     iops = size / bs / elapsed
     print('read iops limit 64: measured %.1f reads/s' % iops)
-    assert 0.8 <= iops / 64 <= 1.15
+    # dd's own clock; blk-throttle's iops slices give 0.956-0.966 of the limit (measured).
+    assert 0.93 <= iops / 64 <= 1.03
