@@ -88,7 +88,14 @@ throttle_opts = [
                help='Volume metadata key holding a per-volume copy rate (bytes/s or '
                     'with units). A value in user metadata can only lower the limit '
                     'set here; a value in admin metadata replaces it. Empty => '
-                    'metadata is not consulted.'),
+                    'metadata is not consulted. The same key in the back-end QoS specs '
+                    'of a volume\'s type (consumer back-end or both) replaces '
+                    'volume_copy_bps_limit for the volumes of that type.'),
+    cfg.FloatOpt('volume_copy_limit_poll_interval', default=1.0, min=0,
+                 help='Seconds between re-reads of the metadata and QoS specs of the '
+                      'volumes of running copies: a change made through Cinder\'s API '
+                      're-limits a running copy within this time. 0 => read at the start '
+                      'of a copy only.'),
 ]
 
 # Read by cinder_hook.ThrottledDriver, the one-line way to enable the throttle.

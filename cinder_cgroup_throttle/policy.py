@@ -7,6 +7,8 @@ Configuration lookup, per option: the backend's section, then ``[backend_default
 
 Metadata: users may set volume metadata, so a rate in user metadata can only *lower* the
 operator's limit; a rate in admin metadata (settable only with admin rights) replaces it.
+The same key in the back-end QoS specs of the volume's type (admin-only too) replaces the
+operator's limit for every volume of the type; a volume's admin metadata overrides it.
 An invalid value is logged and ignored: metadata never fails a copy.
 """
 from __future__ import annotations
@@ -25,6 +27,8 @@ from cinder_cgroup_throttle.units import format_rate, parse_rate
 LOG = logging.getLogger(__name__)
 
 _NOT_SET = (cfg.Locations.opt_default, cfg.Locations.set_default)
+#: QoS specs consumers whose specs the back end applies (Cinder's; 'front-end' is Nova's).
+QOS_CONSUMERS = ('back-end', 'both')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +119,11 @@ def volume_bps_limit(volume: Any, operator_bps: int, key: str) -> int:
         return operator_bps
     vid = volume_id(volume)
     limit = operator_bps
+    qos = _metadata(volume, 'qos_specs').get(key)  # admin-only, like admin metadata
+    if qos is not None:
+        parsed = _parse_metadata_rate(volume, 'back-end QoS spec', key, qos)
+        if parsed is not None:
+            limit = parsed
     admin = _metadata(volume, 'admin_metadata').get(key)
     if admin is not None:
         parsed = _parse_metadata_rate(volume, 'admin metadata', key, admin)

@@ -24,11 +24,16 @@ def new_copy_id() -> str:
 def write_json(path: str, data: dict) -> None:
     """Atomic replace, world-readable: readers (a non-root status, cinder-volume reading
     what root re-saved) see the old or the new file, never a partial one."""
-    directory = os.path.dirname(path)
+    write_text(path, json.dumps(data))
+
+
+def write_text(path: str, text: str) -> None:
+    """Atomic replace of a world-readable text file (see write_json)."""
+    directory = os.path.dirname(path) or '.'
     fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path), dir=directory)
     try:
         with os.fdopen(fd, 'w') as f:
-            json.dump(data, f)
+            f.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

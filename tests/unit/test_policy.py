@@ -187,3 +187,17 @@ def test_device_limits_with_static_limits():
     assert limits(device_limits(DISK_A, DISK_A, 100, static)) == [('7:1', 50, 80, 10, 20)]
     assert limits(device_limits(DISK_A, DISK_B, 0, StaticLimits(write_iops=5))) == [
         ('7:2', 0, 0, 0, 5)]
+
+
+@pytest.mark.parametrize('qos, user, admin, expected', [
+    ('32Mi', None, None, 32 * MiB),
+    ('2Mi', None, None, 2 * MiB),
+    ('32Mi', '16Mi', None, 16 * MiB),
+    ('32Mi', '64Mi', None, 32 * MiB),
+    ('32Mi', None, '4Mi', 4 * MiB),
+    ('fast', None, None, 8 * MiB),
+], ids=['qos-raises', 'qos-lowers', 'user-lowers-qos', 'user-cannot-raise-above-qos',
+        'admin-metadata-beats-qos', 'qos-invalid-ignored'])
+def test_backend_qos_spec_replaces_the_operators_limit(qos, user, admin, expected):
+    volume = dict(vol(user=user, admin=admin), qos_specs={KEY: qos, 'total_iops_sec': '9'})
+    assert policy.volume_bps_limit(volume, 8 * MiB, KEY) == expected
