@@ -16,9 +16,9 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 VM_DIR=${CCT_VM_DIR:-$REPO/.vm}
-PACKAGES="qemu-system-x86 busybox-static xz-utils dmsetup"
+PACKAGES="qemu-system-x86 busybox-static xz-utils dmsetup lvm2"
 # Loaded by /init, in this order; their dependencies come from modules.dep.
-MODULES="virtio_pci virtio_console virtio-rng 9pnet_virtio 9p overlay loop dm-mod"
+MODULES="virtio_pci virtio_console virtio-rng 9pnet_virtio 9p overlay loop dm-mod dm-snapshot"
 
 die() { echo "tools/vm/setup.sh: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root"
