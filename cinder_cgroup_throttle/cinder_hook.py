@@ -37,14 +37,17 @@ import functools
 import inspect
 import logging
 import threading
+import time
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from oslo_config import cfg
 from oslo_utils import importutils
 
-from cinder_cgroup_throttle import opts, policy
+from cinder_cgroup_throttle import opts, policy, progress
+from cinder_cgroup_throttle.exception import CopyNotFound
 from cinder_cgroup_throttle.manager import CopyManager
 from cinder_cgroup_throttle.throttle import CgroupThrottle
+from cinder_cgroup_throttle.units import format_rate
 
 LOG = logging.getLogger(__name__)
 
@@ -90,57 +93,146 @@ def current_kind() -> str:
     return _kind.get() or policy.OTHER
 
 
-def with_admin_metadata(volume: Any) -> Any:
-    """``volume`` with its admin metadata readable by policy.
+def policy_view(volume: Any) -> Any:
+    """What policy reads of ``volume``, fresh from the database: its metadata, its admin
+    metadata and the back-end QoS specs of its type.
 
-    Cinder loads a Volume's admin metadata only for admin contexts; copies started for a
-    user (image to volume, clone) carry the user's context, in which admin metadata reads
-    as empty. It is read here, read-only, with an elevated copy of the volume's context,
-    so that an operator's per-volume setting applies on every path.
+    Fresh, because an API change must reach a running copy (the watcher re-reads it);
+    elevated, because Cinder loads admin metadata only for admin contexts while copies
+    started for a user (image to volume, clone) carry the user's context. Read-only.
     """
     ctxt = getattr(volume, '_context', None)
     if ctxt is None or not hasattr(volume, 'obj_attr_is_set'):
         return volume  # not a Cinder object from the database: nothing more to read
     try:
-        if ctxt.is_admin and volume.obj_attr_is_set('admin_metadata'):
-            return volume
         from cinder.db import api as db
-        admin = db.volume_admin_metadata_get(ctxt.elevated(), volume.id)
-        return {'id': volume.id, 'metadata': dict(volume.metadata),
-                'admin_metadata': dict(admin)}
+        admin = ctxt.elevated()
+        view = {'id': volume.id, 'metadata': db.volume_metadata_get(admin, volume.id),
+                'admin_metadata': db.volume_admin_metadata_get(admin, volume.id)}
+        type_id = volume.volume_type_id
+        qos = db.volume_type_qos_specs_get(admin, type_id)['qos_specs'] if type_id else None
+        if qos and qos.get('consumer') in policy.QOS_CONSUMERS:
+            view['qos_specs'] = dict(qos.get('specs') or {})
+        return view
     except Exception as exc:  # never fail a copy over metadata
-        LOG.warning('volume %s: cannot read admin metadata (%s); using its metadata only',
-                    policy.volume_id(volume), exc)
+        LOG.warning('volume %s: cannot read its metadata and QoS specs (%s); using what '
+                    'the request loaded', policy.volume_id(volume), exc)
         return volume
+
+
+class LimitWatcher:
+    """Re-reads the policy inputs of running copies every ``interval`` seconds and
+    re-limits a copy when its policy rate changed (metadata or a QoS spec changed through
+    Cinder's API). One thread (a greenthread under eventlet), only while copies run.
+
+    A rate set by hand (``set-limit``) stays until the policy's answer changes again.
+    """
+
+    def __init__(self, throttle: 'PolicyThrottle', interval: float) -> None:
+        self.throttle = throttle
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._watched: Dict[str, Tuple[Tuple[Any, ...], str, int]] = {}
+        self._thread: Optional[threading.Thread] = None
+
+    @contextlib.contextmanager
+    def watching(self, copy_id: str, volumes: Tuple[Any, ...], kind: str,
+                 bps: int) -> Iterator[None]:
+        with self._lock:
+            self._watched[copy_id] = (volumes, kind, bps)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name='cinder-cgroup-throttle-watcher')
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._watched.pop(copy_id, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            with self._lock:
+                if not self._watched:
+                    self._thread = None
+                    return
+                watched = dict(self._watched)
+            for copy_id, (volumes, kind, last) in watched.items():
+                try:
+                    self._check(copy_id, volumes, kind, last)
+                except Exception:  # the watcher must outlive any one failure
+                    LOG.exception('copy %s: re-reading its limit failed', copy_id)
+
+    def _check(self, copy_id: str, volumes: Tuple[Any, ...], kind: str, last: int) -> None:
+        bps = self.throttle.policy_bps(volumes, kind)
+        if bps == last:
+            return
+        with self._lock:
+            if copy_id not in self._watched:
+                return  # ended meanwhile
+            self._watched[copy_id] = (volumes, kind, bps)
+        if not bps:
+            LOG.warning('copy %s: its policy now allows an unlimited rate; a running copy '
+                        'keeps a limit (%s before)', copy_id, format_rate(last))
+            return
+        try:
+            copy = self.throttle.manager.set_limit(copy_id, bps)
+        except CopyNotFound:
+            return
+        LOG.info('copy %s of volume %s: policy limit changed through the API: %s -> %s '
+                 '(in force: %s)', copy_id, copy.volume_id,
+                 format_rate(last) if last else 'unlimited', format_rate(bps),
+                 format_rate(copy.bps_limit))
 
 
 class PolicyThrottle(CgroupThrottle):
     """CgroupThrottle whose rate per copy comes from policy: config, then volume metadata."""
 
     def __init__(self, config: policy.ThrottleConfig,
-                 manager: Optional[CopyManager] = None) -> None:
+                 manager: Optional[CopyManager] = None, poll_interval: float = 0.0) -> None:
         self.config = config
-        super().__init__(config.bps_limit, cgroup_name=config.cgroup_name, manager=manager
-                         or CopyManager(config.cgroup_name, backend=config.backend,
-                                        allow_unthrottled=config.allow_unthrottled,
-                                        host_bps_limit=config.host_bps_limit,
-                                        static=config.static,
-                                        budget_config=config.budget))
+        self.watcher = LimitWatcher(self, poll_interval) if poll_interval > 0 else None
+        if manager is not None:
+            super().__init__(config.bps_limit, manager=manager)
+            return
+        static = config.static
+        super().__init__(config.bps_limit, cgroup_name=config.cgroup_name,
+                         backend=config.backend, allow_unthrottled=config.allow_unthrottled,
+                         host_bps_limit=config.host_bps_limit,
+                         read_bps_limit=static.read_bps, write_bps_limit=static.write_bps,
+                         read_iops_limit=static.read_iops, write_iops_limit=static.write_iops,
+                         budget_config=config.budget)
+
+    def policy_bps(self, volumes: Tuple[Any, ...], kind: str) -> int:
+        """The policy's rate for a copy of ``kind`` of ``volumes``, from their current
+        state (the copy kind decides which sources apply, user metadata keeps the floor)."""
+        if self.config.metadata_key:
+            volumes = tuple(policy_view(v) for v in volumes)
+        return policy.copy_bps_limit(volumes, self.config.bps_limit, self.config.metadata_key,
+                                     kind=kind, min_bps=self.config.min_bps)
 
     @contextlib.contextmanager
     def subcommand(self, srcpath: str, dstpath: str) -> Iterator[Dict[str, Any]]:
         volumes = current_volumes()
-        if self.config.metadata_key:
-            volumes = tuple(with_admin_metadata(v) for v in volumes)
-        bps = policy.copy_bps_limit(volumes, self.config.bps_limit, self.config.metadata_key,
-                                    kind=current_kind(), min_bps=self.config.min_bps)
-        if not (bps or self.config.host_bps_limit or self.config.static
-                or self.config.budget):
+        kind = current_kind()
+        bps = self.policy_bps(volumes, kind)
+        if not self._throttled(bps):
             yield {'prefix': []}
             return
         vid = policy.volume_id(volumes[0]) if volumes else None
         with self.manager.copy(srcpath, dstpath, bps, volume_id=vid) as copy:
-            yield {'prefix': list(copy.prefix)}
+            if self.watcher and volumes and self.config.metadata_key:
+                with self.watcher.watching(copy.id, volumes, kind, bps):
+                    yield {'prefix': list(copy.prefix)}
+            else:
+                yield {'prefix': list(copy.prefix)}
+
+    def migration_progress(self, volume: Any) -> str:
+        """``volume``'s migration progress: 'NA', '0%', the copied percent, '100%'."""
+        return progress.volume_progress(
+            self.manager.registry, volume.id,
+            getattr(volume, 'migration_status', None)).text
 
 
 def _with_volumes(method: Callable[..., Any], kind: Optional[str]) -> Callable[..., Any]:
@@ -171,10 +263,20 @@ class _ThrottleHook:
         from cinder.volume import throttling
         group = getattr(self.configuration, 'config_group', None)
         config = policy.load_config(cfg.CONF, group)
-        self._throttle = PolicyThrottle(config)
+        self._throttle = PolicyThrottle(
+            config, poll_interval=policy.lookup(cfg.CONF, 'volume_copy_limit_poll_interval',
+                                                group))
         throttling.Throttle.set_default(self._throttle)
         LOG.info('volume copies of backend %s are throttled per copy: %s', group or
                  'DEFAULT', config)
+
+    def get_migrate_volume_progress(self, context: Any, volume: Any) -> str:
+        """Progress of ``volume``'s migration copy in this process: 'NA' before a copy
+        is known, '0%' while starting, the copied percent, '100%' once done."""
+        throttle = getattr(self, '_throttle', None)
+        if not isinstance(throttle, PolicyThrottle):
+            return 'NA'
+        return throttle.migration_progress(volume)
 
 
 _subclasses: Dict[type, type] = {}
@@ -210,6 +312,18 @@ def install_manager_hook() -> None:
 
     _copy_volume_data.__cinder_cgroup_throttle__ = True  # type: ignore[attr-defined]
     manager.VolumeManager._copy_volume_data = _copy_volume_data
+
+    original_migrate = manager.VolumeManager.migrate_volume
+
+    @functools.wraps(original_migrate)
+    def migrate_volume(self: Any, ctxt: Any, volume: Any, *args: Any, **kwargs: Any) -> Any:
+        # Progress of this migration must not read the end of an earlier copy as 100%.
+        throttle = getattr(getattr(self, 'driver', None), '_throttle', None)
+        if isinstance(throttle, PolicyThrottle):
+            progress.forget_finished(throttle.manager.registry, volume.id)
+        return original_migrate(self, ctxt, volume, *args, **kwargs)
+
+    manager.VolumeManager.migrate_volume = migrate_volume
 
 
 class ThrottledDriver:

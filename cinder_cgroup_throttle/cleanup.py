@@ -226,7 +226,7 @@ class Cleaner:
                     continue
                 if not alive:
                     self._remove_file('pipefile', name, 'its copy and pipeline are gone')
-            elif temp and self._stale_temp(name, int(temp.group(2) or temp.group(3))):
+            elif temp and self._stale_temp(name, int(temp.group(2) or temp.group(3) or 0)):
                 self._remove_file('tempfile', name, 'its writer is gone')
             elif BUDGET_NAME.match(name) and not process_alive(
                     int(BUDGET_NAME.match(name).group(1)), None):
@@ -239,7 +239,8 @@ class Cleaner:
             age = time.time() - self.registry.files.lstat(name).st_mtime
         except FileNotFoundError:
             return False
-        return age > _TEMP_MAX_AGE and not process_alive(pid, None)
+        # A finished record's temporary file names no writer (pid 0): its age alone.
+        return age > _TEMP_MAX_AGE and not (pid and process_alive(pid, None))
 
     def _remove_file(self, kind: str, name: str, reason: str) -> None:
         path = os.path.join(self.registry.directory, name)

@@ -6,12 +6,15 @@ cinder-volume (or by another ``copy``) in other processes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
@@ -21,7 +24,8 @@ from cinder_cgroup_throttle.exception import (CgroupUnavailable, CopyNotFound, I
                                               ThrottleError)
 from cinder_cgroup_throttle.manager import (BACKENDS, DEFAULT_CGROUP, PIPE_COMMAND,
                                             CopyManager, pipe_command)
-from cinder_cgroup_throttle.progress import Progress, dd_total, snapshot
+from cinder_cgroup_throttle.progress import (Progress, copy_kind, dd_total, metrics_text,
+                                             snapshot, volume_progress)
 from cinder_cgroup_throttle.registry import DEFAULT_STATE_DIR, STATE_DIR_ENV, Registry
 from cinder_cgroup_throttle.statefiles import new_copy_id
 from cinder_cgroup_throttle.units import format_rate, format_size, parse_rate
@@ -307,7 +311,60 @@ def _copy_row(entry: Any, p: Progress) -> Dict[str, Any]:
     return data
 
 
+def cmd_volume_status(args: argparse.Namespace) -> int:
+    """One volume: its migration/copy progress (NA, 0%, N%, 100%) and its copies."""
+    vp = volume_progress(_registry(args), args.volume, interval=args.interval)
+    if args.json:
+        print(json.dumps(vp.as_dict(), indent=2))
+        return EXIT_OK
+    line = 'volume %s: %s (%s)' % (vp.volume_id, vp.text, vp.state)
+    for e, p in vp.copies:
+        line += '\n  %s %s: %s / %s at %s, limit %s, backend %s' % (
+            copy_kind(e.src), e.id, format_bytes(p.bytes_done), format_bytes(p.total_bytes),
+            _opt_rate(p.rate_bps), format_rate(e.bps_limit), e.backend)
+    if vp.finished:
+        f = vp.finished
+        line += '\n  last %s copy %s %s: %s at %s average' % (
+            f.get('kind'), f.get('copy_id'), 'finished' if f['ok'] else 'FAILED',
+            format_bytes(f.get('bytes_done')), _opt_rate(f.get('average_bps')))
+    _say(line)
+    return EXIT_OK
+
+
+def _write_textfile(path: str, text: str) -> None:
+    """Atomic replace of a world-readable file at an operator-chosen path (not the state
+    directory): a scraper sees the old or the new text, never a partial one."""
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path),
+                               dir=os.path.dirname(path) or '.')
+    try:
+        with os.fdopen(fd, 'w') as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """Prometheus text format on stdout, or into a node_exporter textfile (atomically)."""
+    registry = _registry(args)
+    while True:
+        entries = registry.entries()
+        text = metrics_text(entries, snapshot(registry, entries, args.interval))
+        if not args.textfile:
+            sys.stdout.write(text)
+            return EXIT_OK
+        _write_textfile(args.textfile, text)
+        if not args.every:
+            return EXIT_OK
+        time.sleep(args.every)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.volume:
+        return cmd_volume_status(args)
     from cinder_cgroup_throttle import budget
     registry = _registry(args)
     entries, foreign = registry.scan()
@@ -412,6 +469,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = command('status', cmd_status, 'active copies with progress')
     p.add_argument('--json', action='store_true',
                    help='print {"copies": [{"id": ..., "progress": {...}, ...}]}')
+    p.add_argument('--interval', type=_interval, default=1.0, metavar='SECONDS',
+                   help='rate sampling interval (default %(default)s)')
+    p.add_argument('--volume', metavar='ID', default=None,
+                   help="one volume's progress: NA (no copy known), 0%% (starting), the "
+                   "copied percent, 100%% (done), and its copies")
+
+    p = command('metrics', cmd_metrics, 'progress of active copies in the Prometheus text '
+                'format (bytes done, total, rate, limit per copy and volume)')
+    p.add_argument('--textfile', metavar='PATH', default=None,
+                   help='write to PATH atomically (node_exporter textfile collector) '
+                   'instead of stdout')
+    p.add_argument('--every', type=_interval, default=0, metavar='SECONDS',
+                   help='with --textfile: rewrite it every SECONDS until terminated')
     p.add_argument('--interval', type=_interval, default=1.0, metavar='SECONDS',
                    help='rate sampling interval (default %(default)s)')
 

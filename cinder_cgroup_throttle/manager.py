@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import shutil
 import sys
 import threading
 import time
-from typing import Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
-from cinder_cgroup_throttle import budget, cleanup, devices, pipeline, privileged, relimit
+from cinder_cgroup_throttle import (budget, cleanup, devices, pipeline, privileged,
+                                    progress, relimit)
 from cinder_cgroup_throttle.cgroups import CgroupDriver, DeviceLimit, placement
 from cinder_cgroup_throttle.cgroups.base import validate_cgroup_path
 from cinder_cgroup_throttle.exception import (CgroupUnavailable, CopyNotFound,
@@ -197,6 +199,7 @@ class CopyManager:
                 self._rebalance()
             LOG.info('copy %s: %s -> %s at %s via %s (%s)', copy_id, src, dst,
                      format_rate(bps_limit), backend, reason)
+            stack.push(functools.partial(self._record_end, copy))  # first, leaf still there
             yield copy
 
     @contextlib.contextmanager
@@ -212,6 +215,14 @@ class CopyManager:
             if killed:
                 LOG.warning('copy %s: killed leftover processes %s before removing its '
                             'cgroup', copy.id, killed)
+
+    def _record_end(self, copy: ActiveCopy, exc_type: Any, *exc: Any) -> None:
+        """A volume's progress must read 100% (or failed) after its entry is gone."""
+        if copy.volume_id:
+            try:
+                progress.record_finished(self.registry, self._entry(copy), exc_type is None)
+            except (OSError, ThrottleError) as error:
+                LOG.warning('copy %s: cannot record its end: %s', copy.id, error)
 
     def _unregister(self, copy_id: str) -> None:
         # Under the re-balancing lock: a concurrent rebalance saves the entries it loaded,

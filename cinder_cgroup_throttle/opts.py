@@ -100,11 +100,19 @@ throttle_opts = [
                     'with units). A value in user metadata can only lower the limit '
                     'set here, never below volume_copy_min_bps_limit, and never for a '
                     'delete wipe or an admin-started migration; a value in admin '
-                    'metadata replaces it. Empty => metadata is not consulted.'),
+                    'metadata replaces it. Empty => metadata is not consulted. The same '
+                    'key in the back-end QoS specs of a volume\'s type (consumer back-end '
+                    'or both) replaces volume_copy_bps_limit for the volumes of that type '
+                    'and every kind of copy.'),
     cfg.Opt('volume_copy_min_bps_limit', type=Rate(), default=DEFAULT_MIN_BPS,
             help='Floor for rates from user (tenant) metadata: a lower value counts as '
                  'this one, so a tenant cannot stall a copy. Units as for '
                  'volume_copy_read_bps_limit. 0 => no floor.'),
+    cfg.FloatOpt('volume_copy_limit_poll_interval', default=1.0, min=0,
+                 help='Seconds between re-reads of the metadata and QoS specs of the '
+                      'volumes of running copies: a change made through Cinder\'s API '
+                      're-limits a running copy within this time. 0 => read at the start '
+                      'of a copy only.'),
 ]
 
 # Read by cinder_hook.ThrottledDriver, the one-line way to enable the throttle.

@@ -9,8 +9,10 @@ Metadata: users may set volume metadata, so a rate in user metadata can only *lo
 operator's limit, never below the operator's floor (``volume_copy_min_bps_limit``); a rate
 in admin metadata (settable only with admin rights) replaces it. Which of them apply
 depends on the kind of copy (:data:`LIMIT_SOURCES`): a tenant must not stall the wipe of a
-deleted volume or an admin's migration. An invalid value is logged and ignored: metadata
-never fails a copy.
+deleted volume or an admin's migration. The same key in the back-end QoS specs of the
+volume's type (admin-only too) replaces the operator's limit for every volume of the type
+and every kind of copy, like the option; a volume's admin metadata overrides it. An
+invalid value is logged and ignored: metadata never fails a copy.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from cinder_cgroup_throttle.units import format_rate, parse_rate
 LOG = logging.getLogger(__name__)
 
 _NOT_SET = (cfg.Locations.opt_default, cfg.Locations.set_default)
+#: QoS specs consumers whose specs the back end applies (Cinder's; 'front-end' is Nova's).
+QOS_CONSUMERS = ('back-end', 'both')
 
 #: Copy kinds; cinder_hook tells them by the Cinder method that started the copy.
 WIPE = 'wipe'            # delete_volume: the wipe of a deleted volume
@@ -176,6 +180,11 @@ def volume_bps_limit(volume: Any, operator_bps: int, key: str,
         return operator_bps
     vid = volume_id(volume)
     limit = operator_bps
+    qos = _metadata(volume, 'qos_specs').get(key)  # admin-only: every kind, like the option
+    if qos is not None:
+        parsed = _parse_metadata_rate(volume, 'back-end QoS spec', key, qos)
+        if parsed is not None:
+            limit = parsed
     admin = _metadata(volume, 'admin_metadata').get(key) if 'admin' in sources else None
     if admin is not None:
         parsed = _parse_metadata_rate(volume, 'admin metadata', key, admin)

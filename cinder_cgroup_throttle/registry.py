@@ -15,8 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import psutil
 
 from cinder_cgroup_throttle.devices import BlockDevice
-from cinder_cgroup_throttle.statefiles import (BUDGET_NAME, COPY_ID, LOCK_NAME, STATE_NAME,
-                                               TEMP_NAME, ForeignFile, StateDir)
+from cinder_cgroup_throttle.statefiles import (BUDGET_NAME, COPY_ID, FINISHED_NAME, LOCK_NAME,
+                                               STATE_NAME, TEMP_NAME, ForeignFile, StateDir)
 
 LOG = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class Registry:
                 if entry is not None:
                     found.append(entry)
             elif not (match or TEMP_NAME.match(name) or name == LOCK_NAME
-                      or BUDGET_NAME.match(name)):
+                      or BUDGET_NAME.match(name) or FINISHED_NAME.match(name)):
                 foreign.append(ForeignFile(self.directory, name,
                                            'not a name this package uses'))
         return found, foreign

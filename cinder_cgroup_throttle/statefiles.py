@@ -10,8 +10,8 @@ and replaces them. So root treats every file there as data from an untrusted wri
   redirects nothing; it must not be writable by group or others, and for root every
   ancestor must be root-owned and not writable by others (sticky excepted), so the path
   itself cannot be redirected either;
-* only names this package generates are used (:data:`STATE_NAME`, :data:`TEMP_NAME`,
-  :data:`LOCK_NAME`), each checked before use;
+* only names this package generates are used (:data:`STATE_NAME`, :data:`BUDGET_NAME`,
+  :data:`FINISHED_NAME`, :data:`TEMP_NAME`, :data:`LOCK_NAME`), each checked before use;
 * files are opened ``O_NOFOLLOW|O_NONBLOCK`` (a link, a FIFO or a device never blocks or
   redirects), must be regular with one link, and at most :data:`MAX_BYTES` are read;
 * writes go to a new temporary file (``O_CREAT|O_EXCL|O_NOFOLLOW``), whose mode is set
@@ -41,10 +41,15 @@ COPY_ID = re.compile(r'^copy-([0-9]+)-[0-9a-f]{8}\Z')
 STATE_NAME = re.compile(r'^(copy-[0-9]+-[0-9a-f]{8})\.(json|pipe\.json|rate)\Z')
 #: A shared copy budget's state (budget.py), of the process with this pid.
 BUDGET_NAME = re.compile(r'^budget-([0-9]+)\.json\Z')
+#: The last finished copy of a volume (progress.py), per kind of copy; no pid in the name.
+FINISHED_NAME = re.compile(r'^finished-([0-9A-Za-z][0-9A-Za-z_-]{0,63})\.(data|wipe)\.json\Z')
 #: Temporary files of :meth:`StateDir.write_json` (a writer killed before its rename);
-#: the writer's pid is group 2 (a copy's file) or group 3 (a budget's).
+#: the writer's pid is group 2 (a copy's file) or group 3 (a budget's); a finished
+#: record's temporary file has none (group 4 is set instead).
 TEMP_NAME = re.compile(r'^\.(copy-([0-9]+)-[0-9a-f]{8}\.(?:json|pipe\.json|rate)'
-                       r'|budget-([0-9]+)\.json)\.[0-9a-f]{16}\.tmp\Z')
+                       r'|budget-([0-9]+)\.json'
+                       r'|(finished-[0-9A-Za-z][0-9A-Za-z_-]{0,63}\.(?:data|wipe)\.json))'
+                       r'\.[0-9a-f]{16}\.tmp\Z')
 LOCK_NAME = '.relimit.lock'
 MAX_BYTES = 64 * 1024  # an entry is < 2 KiB; paths are at most 4 KiB each
 
@@ -133,7 +138,8 @@ class StateDir:
             return []
 
     def _checked_name(self, name: str) -> str:
-        if not (STATE_NAME.match(name) or name == LOCK_NAME or BUDGET_NAME.match(name)):
+        if not (STATE_NAME.match(name) or name == LOCK_NAME or BUDGET_NAME.match(name)
+                or FINISHED_NAME.match(name)):
             raise ForeignFile(self.path, name, 'not a state file name')
         return name
 

@@ -282,3 +282,97 @@ def test_wipe_of_a_deleted_volume_ignores_tenant_metadata(scratch, cinder_module
     with open(device, 'rb') as f:
         assert f.read(DEVICE_SIZE) == bytes(DEVICE_SIZE)
     leaf_rate(probe, DEVICE_SIZE, BACKEND_RATE, 'wipe with tenant metadata 1 B/s')
+
+
+def _leaf_of(state_dir: str, volume_id: str) -> str:
+    """The copy's leaf cgroup directory, from its registry entry (plain JSON)."""
+    import json
+    for name in os.listdir(state_dir) if os.path.isdir(state_dir) else []:
+        if name.startswith('copy-') and name.endswith('.json') and name.count('.') == 1:
+            entry = json.load(open(os.path.join(state_dir, name)))
+            if entry['volume_id'] == volume_id:
+                controller, path = entry['cgroup'].split(':', 1)
+                return os.path.join(entry['mountpoint'], path)
+    return ''
+
+
+def _write_limit(leaf: str, majmin: str) -> int:
+    """The write limit on ``majmin`` that the kernel reports for the leaf (0: none)."""
+    if os.path.exists(os.path.join(leaf, 'io.max')):
+        for line in open(os.path.join(leaf, 'io.max')):
+            if line.startswith(majmin + ' '):
+                wbps = dict(kv.split('=') for kv in line.split()[1:])['wbps']
+                return 0 if wbps == 'max' else int(wbps)
+        return 0
+    for line in open(os.path.join(leaf, 'blkio.throttle.write_bps_device')):
+        if line.split()[0] == majmin:
+            return int(line.split()[1])
+    return 0
+
+
+def test_admin_metadata_change_relimits_a_running_migration_copy_and_progress(
+        scratch, cinder_volume, set_throttle, state_dir, cgroup_parent):
+    """Cinder's generic-migration copy (an admin's: user metadata does not apply); the
+    volume's admin metadata is lowered in the database (what the admin metadata API does)
+    mid-copy: the copy's cgroup limit and its measured rate follow within the watcher's
+    poll; the driver reports the migration's progress."""
+    import threading
+    import time
+
+    from cinder import objects
+    from cinder.db import api as db
+    managers, ctxt = cinder_volume
+    manager = managers['lvm-1']
+    set_throttle('lvm-1')
+    vols = []
+    for _ in range(2):
+        vol = objects.Volume(context=ctxt, size=1, host='%s@lvm-1#lvm-1' % HOST,
+                             status='available', project_id='p', user_id='u')
+        vol.create()
+        vols.append(vol)
+    src, dst = vols
+    manager.devices = {src.id: scratch.loop(40), dst.id: scratch.loop(40)}
+    digest = fill_random(manager.devices[src.id], 40 * MiB)
+    rdev = os.stat(manager.devices[dst.id]).st_rdev
+    majmin = '%d:%d' % (os.major(rdev), os.minor(rdev))
+    assert manager.driver.get_migrate_volume_progress(ctxt, src) == 'NA'
+    errors = []
+
+    def migrate_copy():
+        try:
+            manager._copy_volume_data(ctxt, src, dst)
+        except Exception as exc:  # reported by the main thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=migrate_copy)
+    with LeafRateProbe(cgroup_parent) as probe:
+        worker.start()
+        try:
+            deadline = time.monotonic() + 30
+            leaf = ''
+            while not (leaf and probe.series.get(os.path.basename(leaf))
+                       and probe.series[os.path.basename(leaf)][-1][1] > 2 * MiB):
+                assert time.monotonic() < deadline and worker.is_alive(), errors
+                time.sleep(0.05)
+                leaf = _leaf_of(state_dir, src.id)
+            assert _write_limit(leaf, majmin) == BACKEND_RATE
+            # dd copies the 40 MiB device, of the 1 GiB it is asked for: a few MiB are 0%.
+            assert manager.driver.get_migrate_volume_progress(ctxt, src) == '0%'
+            changed = time.monotonic()
+            db.volume_admin_metadata_update(ctxt, src.id, {KEY: '2Mi'}, False)
+            while _write_limit(leaf, majmin) != 2 * MiB:
+                assert time.monotonic() - changed < 5, 'limit not changed within 5 s'
+                time.sleep(0.05)
+            seconds = time.monotonic() - changed
+            t0 = time.monotonic()
+            time.sleep(4)
+            rate = probe.window(os.path.basename(leaf), t0, time.monotonic())
+        finally:
+            worker.join(120)
+    print('admin metadata lowered to 2 MiB/s: limit changed after %.2f s, then '
+          'achieved/limit %.3f (leaf byte counter)' % (seconds, rate / (2 * MiB)))
+    assert 0.9 <= rate / (2 * MiB) <= 1.1
+    assert not errors, errors
+    assert sha256_prefix(manager.devices[dst.id], 40 * MiB) == digest
+    assert manager.driver.get_migrate_volume_progress(ctxt, src) == '100%'
+    assert not os.path.exists(leaf)

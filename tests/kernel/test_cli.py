@@ -379,3 +379,69 @@ def test_demo_interrupted_removes_everything(cli):
     assert not _demo_dirs() & dirs
     assert not _loops_over(dirs.pop())
     assert cli.driver.leaves() == [] and cli.status() == {'copies': []}
+
+
+METRIC = re.compile(r'^(cinder_volume_copy_\w+)\{copy="([^"]*)",volume="([^"]*)",'
+                    r'kind="(\w+)",backend="(\w+)"\} (\S+)$')
+
+
+def _metrics(text: str) -> dict:
+    """{(name, volume): value} of the per-copy gauges; every sample line must parse."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith('#') or line.startswith('cinder_volume_copy_active '):
+            continue
+        match = METRIC.match(line)
+        assert match, 'not a Prometheus sample line: %r' % line
+        found[(match.group(1), match.group(3))] = float(match.group(6))
+    return found
+
+
+@pytest.mark.parametrize('backend', ['cgroup', 'pv'])
+def test_volume_progress_and_metrics_from_another_process(scratch, cli, tmp_path, backend):
+    size, rate = 24 * SLOW * MiB, 4 * MiB
+    src, dst = scratch.loop(size // MiB), scratch.loop(size // MiB)
+    digest = fill_random(src, size)
+    volume = 'vol-%s' % secrets.token_hex(4)
+
+    def volume_status() -> dict:
+        out = cli.run('status', '--volume', volume, '--json', '--interval', '0.5')
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    before = volume_status()
+    assert (before['progress'], before['state'], before['copies']) == ('NA', 'unknown', [])
+    proc = cli.start('copy', src, dst, '--limit', '4Mi', '--size', str(size),
+                     '--volume-id', volume, '--backend', backend)
+    cli.wait_for(running(proc), 'the copy to make progress')
+    during = volume_status()
+    percent = int(during['progress'].rstrip('%'))
+    assert during['state'] == 'copying' and 0 < percent < 100, during
+    assert [c['backend'] for c in during['copies']] == [backend]
+    assert during['copies'][0]['progress']['total_bytes'] == size
+    text = cli.run('status', '--volume', volume, '--interval', '0.5')
+    assert text.returncode == 0, text.stderr
+    assert re.match(r'^volume %s: \d+%% \(copying\)\n  data copy-\d+-[0-9a-f]{8}: ' % volume,
+                    text.stdout), text.stdout
+    out = cli.run('metrics', '--interval', '0.5')
+    assert out.returncode == 0, out.stderr
+    print('\n' + out.stdout)
+    gauges = _metrics(out.stdout)
+    assert 0 < gauges[('cinder_volume_copy_bytes_done', volume)] <= size
+    assert gauges[('cinder_volume_copy_bytes_total', volume)] == size
+    assert gauges[('cinder_volume_copy_limit_bytes_per_second', volume)] == rate
+    assert 0 < gauges[('cinder_volume_copy_progress_ratio', volume)] < 1
+    assert 'cinder_volume_copy_active 1\n' in out.stdout
+    textfile = str(tmp_path / 'cct.prom')
+    out = cli.run('metrics', '--textfile', textfile, '--interval', '0.5')
+    assert out.returncode == 0 and out.stdout == '', out.stderr
+    assert _metrics(open(textfile).read())[('cinder_volume_copy_bytes_total', volume)] == size
+    assert os.listdir(str(tmp_path)).count('cct.prom') == 1  # no temporary file left
+    finish(proc)
+    assert sha256_prefix(dst, size) == digest
+    after = volume_status()
+    assert (after['progress'], after['state'], after['copies']) == ('100%', 'done', [])
+    assert after['finished']['ok'] is True and after['finished']['bytes_done'] == size
+    assert after['finished']['backend'] == backend
+    out = cli.run('metrics')
+    assert out.stdout.endswith('cinder_volume_copy_active 0\n'), out.stdout

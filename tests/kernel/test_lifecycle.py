@@ -151,6 +151,35 @@ def test_throttle_subcommand_yields_cgexec_prefix(scratch, cgroup_parent, state_
     assert leaf not in get_driver(cgroup_parent).leaves()
 
 
+def test_throttle_takes_the_clis_and_options_settings_as_keywords(
+        scratch, cgroup_parent, tmp_path):
+    """Built like cinder.conf configures it, without a CopyManager by hand."""
+    src, dst = scratch.loop(8), scratch.loop(8)
+    state = str(tmp_path / 'state')
+    throttle = CgroupThrottle(0, cgroup_name=cgroup_parent, backend='cgroup',
+                              read_bps_limit='3Mi', host_bps_limit='16Mi', state_dir=state)
+    assert throttle.manager.registry.directory == state
+    with throttle.subcommand(src, dst) as cmd:
+        leaf = cmd['prefix'][2].rsplit('/', 1)[1]
+        # No own rate: the host cap's share on the destination, the static read limit.
+        lines = limit_lines(throttle.manager, leaf)
+        assert [n for n in os.listdir(state) if n.endswith('.json')] == [leaf + '.json']
+    src_majmin, dst_majmin = ('%d:%d' % (os.major(os.stat(p).st_rdev),
+                                         os.minor(os.stat(p).st_rdev)) for p in (src, dst))
+    if throttle.manager.driver.controller == 'blkio':
+        assert lines == '%s %d\n%s %d\n' % (src_majmin, 3 * MiB, dst_majmin, 16 * MiB)
+    else:
+        assert sorted(lines.splitlines()) == sorted([
+            '%s rbps=%d wbps=max riops=max wiops=max' % (src_majmin, 3 * MiB),
+            '%s rbps=max wbps=%d riops=max wiops=max' % (dst_majmin, 16 * MiB)])
+    assert leaf not in get_driver(cgroup_parent).leaves()
+    assert not [n for n in os.listdir(state) if n.endswith('.json')]
+    with pytest.raises(ThrottleError, match='either manager or'):
+        CgroupThrottle(MiB, manager=throttle.manager, backend='pv')
+    with pytest.raises(ThrottleError, match='write_iops_limit'):
+        CgroupThrottle(MiB, write_iops_limit=-1)
+
+
 def test_file_destination_limits_source_reads(scratch, manager):
     # convert_image writes files through the page cache: the source's reads carry the limit.
     src = scratch.loop(16)

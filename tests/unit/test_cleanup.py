@@ -107,3 +107,21 @@ def test_budget_state_of_a_dead_process_is_removed(tmp_path, dead_pid):
     assert [(a.kind, os.path.basename(a.target), a.action) for a in actions] == [
         ('budget', 'budget-%d.json' % dead_pid, 'removed')]
     assert registry.files.names() == ['budget-%d.json' % os.getpid()]
+
+
+def test_finished_records_are_state_files_and_their_stale_temp_files_go(tmp_path):
+    """A volume's finished-copy record (progress.py) is a flat state file: known to the
+    scan, kept by cleanup; a temporary file of one (no pid in its name) goes by age."""
+    registry = Registry(str(tmp_path / 'state'))
+    registry.files.makedirs()
+    registry.files.write_json('finished-vol-1.data.json', {'volume_id': 'vol-1'})
+    fresh = tmp_path / 'state' / ('.finished-vol-1.wipe.json.%s.tmp' % ('0' * 16))
+    stale = tmp_path / 'state' / ('.finished-vol-2.data.json.%s.tmp' % ('1' * 16))
+    for temp in (fresh, stale):
+        temp.write_text('{')
+    os.utime(stale, (time.time() - 120,) * 2)
+    assert registry.scan() == ([], [])
+    actions = cleanup.clean(registry, None)
+    assert [(a.kind, os.path.basename(a.target), a.action) for a in actions] == [
+        ('tempfile', stale.name, 'removed')]
+    assert registry.files.names() == [fresh.name, 'finished-vol-1.data.json']

@@ -241,3 +241,32 @@ def test_pipe_rate_is_the_lowest_bytes_limit():
 def test_cinders_integer_option_is_bounded(tmp_path, value):
     with pytest.raises(InvalidRate, match='volume_copy_bps_limit'):
         load(tmp_path, '[lvm-1]\nvolume_copy_bps_limit = %s\n' % value)
+
+
+@pytest.mark.parametrize('qos, user, admin, expected', [
+    ('32Mi', None, None, 32 * MiB),
+    ('2Mi', None, None, 2 * MiB),
+    ('32Mi', '16Mi', None, 16 * MiB),
+    ('32Mi', '64Mi', None, 32 * MiB),
+    ('32Mi', None, '4Mi', 4 * MiB),
+    ('fast', None, None, 8 * MiB),
+], ids=['qos-raises', 'qos-lowers', 'user-lowers-qos', 'user-cannot-raise-above-qos',
+        'admin-metadata-beats-qos', 'qos-invalid-ignored'])
+def test_backend_qos_spec_replaces_the_operators_limit(qos, user, admin, expected):
+    volume = dict(vol(user=user, admin=admin), qos_specs={KEY: qos, 'total_iops_sec': '9'})
+    assert policy.volume_bps_limit(volume, 8 * MiB, KEY) == expected
+
+
+@pytest.mark.parametrize('kind', sorted(policy.LIMIT_SOURCES))
+def test_backend_qos_spec_applies_to_every_copy_kind(kind):
+    """An admin's setting, like the option: it replaces the operator's rate for every
+    kind; tenant metadata still only lowers it, never below the floor, and only for the
+    kinds whose sources include it."""
+    qos = {KEY: '32Mi'}
+    assert policy.copy_bps_limit([dict(vol(), qos_specs=qos)], 8 * MiB, KEY, kind=kind,
+                                 min_bps=MiB) == 32 * MiB
+    tenant = dict(vol(user='1'), qos_specs=qos)
+    expected = MiB if 'user' in policy.LIMIT_SOURCES[kind] else 32 * MiB
+    assert policy.copy_bps_limit([tenant], 8 * MiB, KEY, kind=kind, min_bps=MiB) == expected
+    admin = dict(vol(admin='4Mi'), qos_specs=qos)
+    assert policy.copy_bps_limit([admin], 8 * MiB, KEY, kind=kind, min_bps=MiB) == 4 * MiB

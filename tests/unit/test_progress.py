@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
 
-from cinder_cgroup_throttle.progress import Progress, ProgressMonitor, dd_total, path_size
+from cinder_cgroup_throttle.progress import (FINISHED_KEEP_S, Progress, ProgressMonitor, dd_total,
+                                             forget_finished, metrics_text, path_size,
+                                             record_finished, volume_progress)
 from cinder_cgroup_throttle.registry import Entry, Registry
 from tests.scratch import pipe_state
 
@@ -87,3 +90,99 @@ def test_rate_over_a_window_of_samples(tmp_path):
     assert (p.bytes_done, p.source, p.percent) == (3 * MiB, 'pv', 37.5)
     state.unlink()  # the pipeline ended: nothing is invented
     assert monitor.sample(entry).bytes_done is None
+
+
+def _entry(tmp_path, volume_id='vol-1', src='/dev/zero', total=8 * MiB, copy_id=None):
+    return Entry(id=copy_id or 'copy-1-0123abcd', owner_pid=1, owner_start=None, src=src,
+                 dst='/dev/null', src_dev=None, dst_dev=None, bps_limit=MiB, backend='pv',
+                 reason='test', started=time.time() - 2, volume_id=volume_id,
+                 total_bytes=total)
+
+
+def test_volume_progress_follows_the_migration_api_semantics(tmp_path):
+    registry = Registry(str(tmp_path))
+    assert volume_progress(registry, 'vol-1').text == 'NA'
+    assert volume_progress(registry, 'vol-1', 'starting').text == '0%'
+    assert volume_progress(registry, 'vol-1', 'migrating').text == '0%'
+    assert volume_progress(registry, 'vol-1', 'success').text == '100%'
+    entry = _entry(tmp_path, src='/dev/loop1')
+    registry.save(entry)
+    started = volume_progress(registry, 'vol-1')
+    assert (started.text, started.state) == ('0%', 'starting')  # no byte count yet
+    state = tmp_path / (entry.id + '.pipe.json')
+    state.write_text(json.dumps(pipe_state(entry.id, 1, entry.started, 3 * MiB)))
+    copying = volume_progress(registry, 'vol-1', 'migrating')
+    assert (copying.text, copying.state) == ('37%', 'copying')
+    state.write_text(json.dumps(pipe_state(entry.id, 1, entry.started, 8 * MiB)))
+    assert volume_progress(registry, 'vol-1').text == '99%'  # 100% only once it ended
+    record_finished(registry, entry, ok=True)
+    registry.remove(entry.id)
+    done = volume_progress(registry, 'vol-1', 'migrating')
+    assert (done.text, done.state) == ('100%', 'done')
+    assert done.finished['bytes_done'] == 8 * MiB and done.finished['copy_id'] == entry.id
+    assert volume_progress(registry, 'vol-2').text == 'NA'  # other volumes: unknown
+    forget_finished(registry, 'vol-1')
+    assert volume_progress(registry, 'vol-1').text == 'NA'
+
+
+def test_a_wipe_is_not_the_volumes_progress(tmp_path):
+    registry = Registry(str(tmp_path))
+    data = _entry(tmp_path, src='/dev/loop1')
+    record_finished(registry, data, ok=True)
+    wipe = _entry(tmp_path, copy_id='copy-1-89abcdef')  # from /dev/zero
+    registry.save(wipe)
+    (tmp_path / (wipe.id + '.pipe.json')).write_text(
+        json.dumps(pipe_state(wipe.id, 1, wipe.started, MiB)))
+    vp = volume_progress(registry, 'vol-1')
+    assert vp.text == '100%'
+    assert [c['kind'] for c in vp.as_dict()['copies']] == ['wipe']
+
+
+def test_failed_copy_reads_na_and_records_are_validated(tmp_path):
+    registry = Registry(str(tmp_path))
+    entry = _entry(tmp_path, src='/dev/loop1')
+    (tmp_path / (entry.id + '.pipe.json')).write_text(
+        json.dumps(pipe_state(entry.id, 1, entry.started, MiB)))
+    record_finished(registry, entry, ok=False)
+    failed = volume_progress(registry, 'vol-1')
+    assert (failed.text, failed.state, failed.finished['bytes_done']) == ('NA', 'failed', MiB)
+    record = tmp_path / 'finished-vol-1.data.json'
+    target = tmp_path / 'elsewhere.json'
+    target.write_text(record.read_text().replace('false', 'true'))
+    record.unlink()
+    record.symlink_to(target)  # a planted link is never followed
+    assert volume_progress(registry, 'vol-1').text == 'NA'
+    record.unlink()
+    record.write_text('{"volume_id": "vol-1", "ok": "yes", "ended": 1}')
+    assert volume_progress(registry, 'vol-1').finished is None
+    assert volume_progress(registry, '../vol-1').text == 'NA'  # not a volume id
+
+
+def test_metrics_text_is_prometheus_exposition_format(tmp_path):
+    entry = _entry(tmp_path, volume_id='v"1', src='/dev/loop1')
+    text = metrics_text([entry], [Progress(2 * MiB, 8 * MiB, 1048576.5, None, 'pv')])
+    lines = text.splitlines()
+    labels = '{copy="copy-1-0123abcd",volume="v\\"1",kind="data",backend="pv"}'
+    assert 'cinder_volume_copy_bytes_done%s %d' % (labels, 2 * MiB) in lines
+    assert 'cinder_volume_copy_bytes_total%s %d' % (labels, 8 * MiB) in lines
+    assert 'cinder_volume_copy_rate_bytes_per_second%s 1.04858e+06' % labels in lines
+    assert 'cinder_volume_copy_limit_bytes_per_second%s %d' % (labels, MiB) in lines
+    assert 'cinder_volume_copy_progress_ratio%s 0.25' % labels in lines
+    assert lines[-1] == 'cinder_volume_copy_active 1'
+    for name in ('bytes_done', 'bytes_total', 'rate_bytes_per_second', 'progress_ratio'):
+        assert '# TYPE cinder_volume_copy_%s gauge' % name in lines
+    empty = metrics_text([], [])
+    assert empty.endswith('cinder_volume_copy_active 0\n')
+
+
+def test_finished_records_are_flat_state_files_and_old_ones_are_pruned(tmp_path):
+    registry = Registry(str(tmp_path))
+    old = tmp_path / 'finished-vol-old.data.json'
+    old.write_text('{"volume_id": "vol-old", "ok": true, "ended": 1}')
+    os.utime(old, (time.time() - FINISHED_KEEP_S - 60,) * 2)
+    entry = _entry(tmp_path, src='/dev/loop1')
+    record_finished(registry, entry, ok=True)
+    assert sorted(os.listdir(tmp_path)) == ['finished-vol-1.data.json']
+    assert registry.scan() == ([], [])  # a name of ours, not foreign
+    record_finished(registry, _entry(tmp_path, volume_id='../x'), ok=True)  # not an id
+    assert sorted(os.listdir(tmp_path)) == ['finished-vol-1.data.json']
