@@ -5,6 +5,7 @@ even when the test failed; only objects created here are ever touched.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -229,8 +230,10 @@ def leaf_device_bytes(path: str) -> Optional[Dict[str, Tuple[int, int]]]:
                         r, w = found.get(parts[0], (0, 0))
                         n = int(parts[2])
                         found[parts[0]] = (r + n, w) if parts[1] == 'Read' else (r, w + n)
-    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
-        return None
+    except OSError as e:  # ENODEV: the leaf was removed between open and read
+        if e.errno in (errno.ENOENT, errno.ENODEV, errno.ESRCH, errno.ENOTDIR):
+            return None
+        raise
     return found
 
 
