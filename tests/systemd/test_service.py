@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from tests.scratch import MiB, Scratch, fill_random, io_wbytes, majmin, sha256_prefix, slope
+from tests.scratch import MiB, Scratch, fill_random, io_wbytes, majmin, sha256_prefix
 from tests.scratch import read_text as read
 from tests.unit.test_rootwrap_filters import EXEC_DIRS, write_filters
 
@@ -74,13 +74,13 @@ def wbytes(leaf: str, dev: str) -> int:
     return io_wbytes(os.path.join(COPIES_CG, leaf), dev)
 
 
-def write_rates(leaves_devs, window: float = 4.0) -> list:
+def write_rates(leaves_devs, window: float = 6.0) -> list:
     """Bytes/s each leaf wrote to its device during ``window`` s, from the kernel's counters.
 
-    io.stat moves a whole request at a time (up to max_sectors_kb, 1 MiB and more for a
-    qemu-img buffer), so a difference of two readings is off by up to one request: +10 %
-    over 4 s at 2.5 MiB/s (measured 1.102 once). The rate is the least-squares slope
-    through the times each counter was first seen at a new value, as the host-lane probes do.
+    io.stat moves a whole request at a time (1 MiB for dd, up to 2 MiB and irregular for
+    qemu-img), so two readings a window apart are off by up to a request: +10 % over 4 s at
+    2.5 MiB/s (measured 1.102 once). The rate is taken between the instants a counter was
+    first seen at a new value, so only whole requests the throttle released count.
     """
     series: list = [[] for _ in leaves_devs]
     end = time.monotonic() + window
@@ -90,7 +90,13 @@ def write_rates(leaves_devs, window: float = 4.0) -> list:
             if not steps or steps[-1][1] != done:
                 steps.append((now, done))
         time.sleep(0.02)
-    return [slope(steps) for steps in series]
+    rates = []
+    for (leaf, _), steps in zip(leaves_devs, series):
+        steps = steps[1:]  # the first reading is the window's start, not a step
+        assert len(steps) >= 3, 'leaf %s moved %d times in %.0f s' % (leaf, len(steps), window)
+        (t0, b0), (t1, b1) = steps[0], steps[-1]
+        rates.append((b1 - b0) / (t1 - t0))
+    return rates
 
 
 def dd_ratio(stderr: str, size: int, rate: int) -> float:
@@ -321,7 +327,9 @@ def test_limit_holds_after_daemon_reload(service):
 def test_three_copies_share_the_host_cap_and_relimit(service):
     # The image conversion first and longest: Cinder runs qemu-img info (through
     # prlimit's Python and rootwrap) before it, seconds under emulation.
-    size_mb, image_mb = 64, 160
+    # Long enough that all three still run after the re-limit's CLI (seconds under
+    # emulation) and both 6 s windows; the conversion ran alone at the cap meanwhile.
+    size_mb, image_mb = 96, 256
     (s1, d1, t1), (s2, d2, t2) = service.loops(size_mb, 2)
     work = service.scratch.tmpfs(image_mb + 8)
     os.chmod(os.path.dirname(work), 0o711)  # cinder reads the image (qemu-img is root)
@@ -355,7 +363,7 @@ def test_three_copies_share_the_host_cap_and_relimit(service):
     # starved (measured 0.884 with the host busy, 0.990-0.997 on an idle host).
     assert 0.85 * HOST_CAP <= sum(rates) <= 1.03 * HOST_CAP, rates
 
-    slow = sorted(devs)[0]
+    slow = next(leaf for leaf, dev in devs.items() if dev == majmin(t1))  # a dd copy
     low, rest = MiB, (HOST_CAP - MiB) // 2  # the cap's remainder goes to the others
     out = cli('set-limit', slow, str(low))
     assert 'limit now 1.00 MiB/s' in out, out
@@ -366,12 +374,18 @@ def test_three_copies_share_the_host_cap_and_relimit(service):
     # blk-throttle charges what it let through at the old rate to the new one for the rest
     # of its time slice (measured: 0.665 and 1.065 of the new limits in the first 3 s).
     time.sleep(2.0)
-    rates = write_rates([(slow, devs[slow])] + [(leaf, devs[leaf]) for leaf in others], 5.0)
+    assert len(busy_leaves()) == 3, 'a copy ended before its re-limit could be measured'
+    rates = write_rates([(slow, devs[slow])] + [(leaf, devs[leaf]) for leaf in others])
     print('after set-limit 1 MiB/s: rate/limit %s'
           % ['%.3f' % (r / lim) for r, lim in zip(rates, (low, rest, rest))])
     assert 0.9 * low <= rates[0] <= 1.03 * low, rates
     for rate in rates[1:]:
         assert rate <= 1.03 * rest, rates
+    # Raised back to its own rate, the slow copy gets its fair share again (and the
+    # test does not wait out ~60 MiB at 1 MiB/s).
+    cli('set-limit', slow, str(RATE))
+    for leaf in devs:
+        assert 'wbps=%d' % (HOST_CAP // 3) in read(os.path.join(COPIES_CG, leaf, 'io.max'))
     for name in names:
         result = service.result(name, timeout=600)
         assert result['ok'], result
