@@ -6,7 +6,7 @@
   (``set_client_mode(False)``), one cgroup per instance (``cct-bench-cinder-<pid>-<n>``)
   that is removed with ``rmdir`` when the instance is retired;
 * ours, non-root path: the same, but every cgroup step through this package's privsep
-  daemon (``PrivilegedDriver``), as in a cinder-volume that is not root; the daemon is
+  daemon (executor ``privileged.PRIVSEP``), as in a cinder-volume that is not root; the daemon is
   started once through the real ``cinder-rootwrap`` (over our filters) before any copy
   is timed, as in a running service;
 * none: Cinder's base ``Throttle`` (empty prefix): the bare dd baseline.
@@ -98,11 +98,11 @@ class Contenders:
 
     # -- factories ---------------------------------------------------------------------
     def ours(self, backend: str = 'auto', limit: Optional[int] = None,
-             driver: Any = None) -> Any:
+             executor: Any = None) -> Any:
         from cinder_cgroup_throttle.manager import CopyManager
         from cinder_cgroup_throttle.registry import Registry
         from cinder_cgroup_throttle.throttle import CgroupThrottle
-        manager = CopyManager(self.parent, grace=5, backend=backend, driver=driver,
+        manager = CopyManager(self.parent, grace=5, backend=backend, executor=executor,
                               registry=Registry(self.state_dir))
         self._managers.append(manager)
         return CgroupThrottle(limit or self.limit, manager=manager)
@@ -110,11 +110,10 @@ class Contenders:
     def ours_privsep(self) -> Any:
         """Ours with every cgroup step in the privsep daemon (the non-root path)."""
         from cinder_cgroup_throttle import privsep
-        from cinder_cgroup_throttle.cgroups import get_driver
-        from cinder_cgroup_throttle.privileged import PrivilegedDriver
+        from cinder_cgroup_throttle.privileged import PRIVSEP
         if privsep.default.channel is None:
             self.privsep_start_s = _start_privsep(self.state_dir)
-        return self.ours(driver=PrivilegedDriver(get_driver(self.parent)))
+        return self.ours(executor=PRIVSEP)
 
     def cinder(self, limit: Optional[int] = None) -> Any:
         from cinder.volume.throttling import BlkioCgroup

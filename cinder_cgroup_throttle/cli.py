@@ -18,12 +18,12 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
-from cinder_cgroup_throttle import cleanup, demo, privileged, transfer
+from cinder_cgroup_throttle import backends, cleanup, demo, privileged, transfer
 from cinder_cgroup_throttle.cgroups import detect, placement, validate_cgroup_path
 from cinder_cgroup_throttle.exception import (CgroupUnavailable, CopyNotFound, InvalidRate,
                                               ThrottleError)
-from cinder_cgroup_throttle.manager import (BACKENDS, DEFAULT_CGROUP, PIPE_COMMAND,
-                                            CopyManager, pipe_command)
+from cinder_cgroup_throttle.manager import DEFAULT_CGROUP, CopyManager
+from cinder_cgroup_throttle.privileged import PIPE_COMMAND
 from cinder_cgroup_throttle.progress import (Progress, copy_kind, dd_total, metrics_text,
                                              snapshot, volume_progress)
 from cinder_cgroup_throttle.registry import DEFAULT_STATE_DIR, STATE_DIR_ENV, Registry
@@ -169,8 +169,10 @@ def _registry(args: argparse.Namespace) -> Registry:
     return Registry(args.state_dir)
 
 
-def _manager(args: argparse.Namespace, backend: str = 'auto') -> CopyManager:
-    return CopyManager(args.cgroup_name, backend=backend, registry=_registry(args))
+def _manager(args: argparse.Namespace, executor: privileged.Executor,
+             backend: str = backends.AUTO) -> CopyManager:
+    return CopyManager(args.cgroup_name, backend=backend, registry=_registry(args),
+                       executor=executor)
 
 
 def _summary(result: transfer.TransferResult) -> str:
@@ -197,22 +199,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     for line in placement.describe(args.cgroup_name, host):
         ok('placement of per-copy cgroups, ' + line)
     cgroup_ok = False
+    executor = privileged.executor()
     try:
-        # As CopyManager does it: directly as root, else through the root helper.
-        driver = privileged.host_driver(placement.place(args.cgroup_name))
+        # As CopyManager does it: the same placement, backend and executor.
+        driver = backends.host_cgroup(args.cgroup_name, executor,
+                                      _registry(args).directory).driver
         probe = new_copy_id()
         driver.create_leaf(probe)
         driver.remove_leaf(probe, grace=0)  # and the parent, if the probe created it
-        how = (' through ' + ' '.join(driver.root_helper)
-               if isinstance(driver, privileged.PrivilegedDriver) else '')
-        ok('controller %s at %s: usable, %s is writable%s (probe cgroup created and '
-           'removed)' % (driver.controller, driver.mountpoint, driver.parent_path, how))
+        ok('controller %s at %s: usable, %s is writable %s (probe cgroup created and '
+           'removed)' % (driver.controller, driver.mountpoint, driver.parent_path,
+                         executor.how()))
         cgroup_ok = True
     except (ThrottleError, OSError) as exc:  # OSError: e.g. the root helper is missing
         fail('cgroup controller: %s' % exc)
     tools = {name: shutil.which(name) for name in
              ('cgexec', 'dd', 'pv', PIPE_COMMAND, 'qemu-img')}
-    tools[PIPE_COMMAND] = shutil.which(pipe_command() or PIPE_COMMAND)
+    tools[PIPE_COMMAND] = shutil.which(executor.pipe_command() or PIPE_COMMAND)
     for name, path in tools.items():
         (ok if path else warn)('%s: %s' % (name, path or 'not found'))
     if cgroup_ok and not tools['cgexec']:
@@ -231,7 +234,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_OK
     try:
         # Set the copy up for real (leaf, limit, registry entry) and tear it down again.
-        with _manager(args, args.backend).copy(args.src, args.dst, 2**20) as copy:
+        with _manager(args, executor, args.backend).copy(args.src, args.dst, 2**20) as copy:
             limits = ', '.join('%s %s' % (lim.device, 'write' if lim.wbps else 'read')
                                for lim in copy.limits) or 'none'
             ok('%s -> %s: backend %s (%s); limited: %s'
@@ -284,7 +287,8 @@ def _budget_lines(views: List[Dict[str, Any]]) -> List[str]:
 def cmd_copy(args: argparse.Namespace) -> int:
     bar = ProgressBar(sys.stderr)
     try:
-        result = transfer.run(_manager(args, args.backend), args.src, args.dst, args.limit,
+        result = transfer.run(_manager(args, privileged.executor(), args.backend), args.src,
+                              args.dst, args.limit,
                               bs=args.bs, size=args.size, volume_id=args.volume_id,
                               on_progress=bar)
     finally:
@@ -297,7 +301,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     bar = ProgressBar(sys.stderr)
     _say('demo: copying %s at %s' % (format_bytes(args.size), format_rate(args.limit)))
     try:
-        result = demo.run(_manager(args), args.limit, args.size, on_progress=bar, say=_say)
+        result = demo.run(_manager(args, privileged.executor()), args.limit, args.size,
+                          on_progress=bar, say=_say)
     finally:
         bar.done()
     _say(_summary(result))
@@ -408,18 +413,18 @@ def cmd_set_limit(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    try:
-        driver = privileged.host_driver(args.cgroup_name)
+    executor, registry = privileged.executor(), _registry(args)
+    try:  # where the service puts its leaves (cgroups.placement), as CopyManager does
+        host = backends.host_cgroup(args.cgroup_name, executor, registry.directory)
     except CgroupUnavailable as exc:
         LOG.warning('no cgroup controller (%s): cleaning the registry only', exc)
-        driver = None
-    actions = cleanup.clean(_registry(args), driver, dry_run=args.dry_run)
+        host = None
+    actions = cleanup.clean(registry, host, dry_run=args.dry_run, executor=executor)
     for action in actions:
         _say(str(action))
     if not actions:
         _say('nothing to clean up (registry %s%s)' % (
-            _registry(args).directory,
-            ', cgroup %s' % driver.parent_path if driver else ''))
+            registry.directory, ', cgroup %s' % host.driver.parent_path if host else ''))
     return EXIT_FAILED if any(a.action == 'failed' or a.kind == 'foreign'
                               for a in actions) else EXIT_OK
 
@@ -451,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                 'with SRC DST, which backend that copy would get and why')
     p.add_argument('src', nargs='?', metavar='SRC')
     p.add_argument('dst', nargs='?', metavar='DST')
-    p.add_argument('--backend', choices=BACKENDS, default='auto')
+    p.add_argument('--backend', choices=backends.CHOICES, default=backends.AUTO)
     p.add_argument('--coordination-url', metavar='URL',
                    help='also check that this etcd3+http(s):// copy budget URL answers')
 
@@ -460,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('src', metavar='SRC')
     p.add_argument('dst', metavar='DST')
     p.add_argument('--limit', type=_rate, required=True, metavar='RATE')
-    p.add_argument('--backend', choices=BACKENDS, default='auto')
+    p.add_argument('--backend', choices=backends.CHOICES, default=backends.AUTO)
     p.add_argument('--bs', type=_block_size, default='1M', help='dd block size (default 1M)')
     p.add_argument('--size', type=_size, default=None,
                    help='bytes to copy (default: all of SRC)')

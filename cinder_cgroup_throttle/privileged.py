@@ -15,7 +15,8 @@ directory is mode 0555, so creating the parent cgroup there needs it (as does a 
 delegated to another owner). Leftover processes in a leaf are root's own (dd and qemu-img
 run through sudo), so killing them needs no CAP_KILL; nothing needs CAP_SYS_ADMIN.
 
-When not root, CopyManager wraps its cgroup driver in :class:`PrivilegedDriver`: reads stay
+Whether we are root is decided once, by :func:`executor`: :data:`ROOT` writes cgroupfs
+directly, :data:`PRIVSEP` wraps every cgroup driver in :class:`PrivilegedDriver`: reads stay
 direct; create-leaf (with its limits: one call per copy start), write-limits and one
 removal attempt per call go to the daemon, which validates every argument again and runs
 the very driver code a root cinder-volume runs (one write per limit, rmdir and never
@@ -31,9 +32,10 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import sys
 from types import ModuleType
-from typing import Any, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
 
 from cinder_cgroup_throttle import devices
 from cinder_cgroup_throttle.cgroups import CgroupDriver, DeviceLimit, get_driver
@@ -42,6 +44,7 @@ from cinder_cgroup_throttle.exception import ThrottleError
 from cinder_cgroup_throttle.statefiles import COPY_ID
 
 DEFAULT_ROOT_HELPER = ['sudo', 'cinder-rootwrap', '/etc/cinder/rootwrap.conf']
+PIPE_COMMAND = 'cinder-cgroup-throttle-pipe'  # the pv fallback's wrapper (pipeline.py)
 MAX_LIMITS = 16  # devices per write_limits call (a copy has at most two)
 MAX_COUNT = 2**64 - 1  # the kernel's limits are u64
 _KEYS = ('rbps', 'wbps', 'riops', 'wiops')
@@ -75,11 +78,6 @@ class PrivilegedDriver:
         # Reads (leaf_path, leaves, pids, io_bytes, prefix, controller, ...) need no root.
         return getattr(self._driver, name)
 
-    @property
-    def root_helper(self) -> List[str]:
-        """How the daemon is started (for messages)."""
-        return _privsep().default.helper_command('SOCKET')[:-4]
-
     def _args(self, leaf: str) -> Tuple[str, str, str]:
         return self._driver.controller, self._driver.parent, leaf
 
@@ -98,11 +96,78 @@ class PrivilegedDriver:
         return CgroupDriver.remove_leaf(self, leaf, grace)  # type: ignore[arg-type]
 
 
-def host_driver(parent: str) -> CgroupDriver:
-    """The host's driver for ``parent``; through the privsep daemon when we are not root."""
-    if os.geteuid() == 0:
+# -- the executor: how this process performs root's steps, decided once -----------------
+class Executor(Protocol):
+    """How root's steps run for this process: the cgroup writes, and the name under which
+    Cinder runs the pv fallback's wrapper. Injected everywhere, so tests and the non-root
+    path run the same code with the executor they name."""
+
+    name: str
+
+    def driver(self, parent: str) -> CgroupDriver:
+        """The host's cgroup driver for ``parent``, writing the way this executor can."""
+
+    def wrap(self, driver: CgroupDriver) -> CgroupDriver:
+        """A driver rebuilt from a registry entry, writing the way this executor can."""
+
+    def pipe_command(self) -> Optional[str]:
+        """argv[0] of the pv fallback's wrapper; None when it is not installed."""
+
+    def how(self) -> str:
+        """How root's steps run, for ``check``."""
+
+
+def _pipe_beside() -> Optional[str]:
+    """The wrapper installed beside this interpreter (a venv whose bin is not on PATH)."""
+    beside = os.path.join(os.path.dirname(sys.executable), PIPE_COMMAND)
+    return beside if os.access(beside, os.X_OK) else None
+
+
+class RootExecutor:
+    """We are root: drivers write cgroupfs directly."""
+
+    name = 'root'
+
+    def driver(self, parent: str) -> CgroupDriver:
         return get_driver(parent)
-    return PrivilegedDriver(get_driver(parent, check_writable=False))  # type: ignore
+
+    def wrap(self, driver: CgroupDriver) -> CgroupDriver:
+        return driver
+
+    def pipe_command(self) -> Optional[str]:
+        # By name when PATH finds it, else by its path (nothing matches names for root).
+        return PIPE_COMMAND if shutil.which(PIPE_COMMAND) else _pipe_beside()
+
+    def how(self) -> str:
+        return 'directly as root'
+
+
+class PrivsepExecutor:
+    """Not root: cgroup writes go to the privsep daemon (reads stay direct)."""
+
+    name = 'privsep'
+
+    def driver(self, parent: str) -> CgroupDriver:
+        return self.wrap(get_driver(parent, check_writable=False))
+
+    def wrap(self, driver: CgroupDriver) -> CgroupDriver:
+        return PrivilegedDriver(driver)  # type: ignore[return-value]
+
+    def pipe_command(self) -> Optional[str]:
+        # By name: rootwrap's filters match the name, and its exec_dirs find it.
+        return PIPE_COMMAND if shutil.which(PIPE_COMMAND) or _pipe_beside() else None
+
+    def how(self) -> str:
+        return 'through ' + ' '.join(_privsep().default.helper_command('SOCKET')[:-4])
+
+
+ROOT = RootExecutor()
+PRIVSEP = PrivsepExecutor()
+
+
+def executor() -> Executor:
+    """This process's executor: the one place that asks whether we are root."""
+    return ROOT if os.geteuid() == 0 else PRIVSEP
 
 
 # -- the root side: runs in the privsep daemon (privsep.py's entrypoints) ---------------

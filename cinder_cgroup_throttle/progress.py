@@ -1,7 +1,8 @@
 """Progress of active copies (bytes done, total, percent, rate, ETA), from any process.
 
 Everything is derived from the registry entry and the kernel, so the CLI or a monitoring
-agent sees the same numbers as the process that runs the copy. Bytes done come from:
+agent sees the same numbers as the process that runs the copy. Bytes done come from the
+copy's backend (``CopyBackend.bytes_done``, rebuilt from the entry):
 
 * the pv fallback: the pipeline's state next to the registry entry (``<id>.pipe.json``),
   where the pipeline publishes its writer dd's ``wchar`` (it can read its own children's
@@ -26,11 +27,7 @@ import stat
 import time
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
-import psutil
-
-from cinder_cgroup_throttle import pipeline
-from cinder_cgroup_throttle.limits import plan_limits
-from cinder_cgroup_throttle.cleanup import entry_leaf
+from cinder_cgroup_throttle import backends, privileged
 from cinder_cgroup_throttle.exception import ThrottleError
 from cinder_cgroup_throttle.registry import Entry, Registry
 from cinder_cgroup_throttle.statefiles import FINISHED_NAME, StateDirError
@@ -121,13 +118,19 @@ class ProgressMonitor:
     window jitters by one request; a window of a few seconds smooths that out.
     """
 
-    def __init__(self, registry: Registry, window: float = 0.0) -> None:
+    def __init__(self, registry: Registry, window: float = 0.0,
+                 executor: Optional[privileged.Executor] = None) -> None:
         self.registry = registry
         self.window = window
+        self.executor = executor or privileged.executor()
         self._samples: Dict[str, Deque[Tuple[float, int]]] = {}
 
     def sample(self, entry: Entry) -> Progress:
-        done, source, argvs = _bytes_done(entry, self.registry.directory)
+        try:  # the copy's backend counts, from the entry alone
+            done, source, argvs = backends.for_entry(
+                entry, self.executor, self.registry.directory).bytes_done(entry)
+        except ThrottleError:  # an entry naming a cgroup that is not ours: unknown
+            done, source, argvs = None, 'none', []
         now = time.monotonic()
         rate = None
         if done is not None:
@@ -164,47 +167,6 @@ def _total(entry: Entry, argvs: List[List[str]]) -> Optional[int]:
     return path_size(entry.src)
 
 
-def _pipeline_bytes(state: Dict[str, Any]) -> Tuple[Optional[int], str, List[List[str]]]:
-    """The pipeline publishes its writer dd's byte count (it can read its own /proc)."""
-    done = state.get('bytes')
-    return (None, 'none', []) if done is None else (int(done), 'pv', [])
-
-
-def _bytes_done(entry: Entry, state_dir: str) -> Tuple[Optional[int], str, List[List[str]]]:
-    """(bytes done, source, argv of the copy's processes)."""
-    if entry.backend == 'pv':
-        try:
-            return _pipeline_bytes(pipeline.read_pipe_state(state_dir, entry.id) or {})
-        except ThrottleError:  # a foreign pipe.json: no progress known
-            return None, 'none', []
-    try:
-        located = entry_leaf(entry)
-    except ThrottleError:
-        located = None
-    if located is None:
-        return None, 'none', []
-    driver, leaf = located
-    planned = plan_limits(*entry.devices(), 1)  # the direction the copy's limit is on
-    writes = bool(planned and planned[0].wbps)
-    device = planned[0].device.majmin if planned else None
-    counters = driver.io_bytes(leaf)
-    best, source = None, 'none'
-    if device in counters:
-        best, source = counters[device][1 if writes else 0], 'cgroup'
-    chars, argvs = 0, []
-    for pid in driver.pids(leaf):
-        try:
-            proc = psutil.Process(pid)
-            io = proc.io_counters()
-            argvs.append(proc.cmdline())
-        except psutil.Error:
-            continue
-        chars += io.write_chars if writes else io.read_chars
-    if argvs and (best is None or chars > best):
-        best, source = chars, 'psutil'
-    return best, source, argvs
-
-
 # -- per volume: migration progress and the last finished copy --------------------------------
 #: Finished copies: one flat state file per volume and kind (statefiles.FINISHED_NAME).
 FINISHED_KEEP_S = 86400.0  # records older than this are pruned when a copy ends
@@ -222,13 +184,14 @@ def _record_name(volume_id: Optional[str], kind: str) -> Optional[str]:
     return name if kind in _KINDS and FINISHED_NAME.match(name) else None
 
 
-def record_finished(registry: Registry, entry: Entry, ok: bool) -> None:
+def record_finished(registry: Registry, entry: Entry, ok: bool,
+                    executor: Optional[privileged.Executor] = None) -> None:
     """Remember the end of a volume's copy, so that a volume's progress reads 100% (or
     failed) after its copy's registry entry is gone, in this process and in the CLI."""
     name = _record_name(entry.volume_id, copy_kind(entry.src))
     if not name:
         return
-    sampled = ProgressMonitor(registry).sample(entry)
+    sampled = ProgressMonitor(registry, executor=executor).sample(entry)
     done = sampled.bytes_done
     if ok and sampled.total_bytes and (done is None or done < sampled.total_bytes):
         done = sampled.total_bytes  # counters lag (v1 charges some writes late)

@@ -14,7 +14,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import psutil
 
+from cinder_cgroup_throttle.cgroups.base import DeviceLimit
 from cinder_cgroup_throttle.devices import BlockDevice
+from cinder_cgroup_throttle.sharing import StaticLimits, device_limits
 from cinder_cgroup_throttle.statefiles import (BUDGET_NAME, COPY_ID, FINISHED_NAME, LOCK_NAME,
                                                STATE_NAME, TEMP_NAME, ForeignFile, StateDir)
 
@@ -50,7 +52,8 @@ def process_alive(pid: int, started_by: Optional[float]) -> bool:
 
 @dataclasses.dataclass
 class Entry:
-    """What another process needs to know about a copy."""
+    """The one record of a running copy: what every process (its owner included) knows
+    of it; in-process state is only a cache of it."""
 
     id: str
     owner_pid: int
@@ -81,6 +84,16 @@ class Entry:
             return BlockDevice(major, minor, majmin, via_file=via_file)
         return (device(self.src_dev, self.src_via_file),
                 device(self.dst_dev, self.dst_via_file))
+
+    def static_limits(self) -> StaticLimits:
+        """The per-direction limits the owner configured (relimit.policy_extra)."""
+        return StaticLimits(**self.extra.get('static', {}))
+
+    def device_limits(self, bps: Optional[int] = None) -> List[DeviceLimit]:
+        """The device limits at ``bps`` (default: the rate in force), computed the same in
+        every process (sharing.device_limits)."""
+        return device_limits(*self.devices(), self.bps_limit if bps is None else bps,
+                             self.static_limits())
 
     def owner_alive(self) -> bool:
         return process_alive(self.owner_pid, self.owner_start)
@@ -130,6 +143,11 @@ def _str(v: Any) -> bool:
     return type(v) is str and '\0' not in v
 
 
+def _known_backend(name: str) -> bool:
+    from cinder_cgroup_throttle import backends  # lazy: the backends read entries
+    return name in backends.NAMES
+
+
 def _majmin(v: Any) -> bool:
     match = _str(v) and _MAJMIN.match(v)
     return bool(match) and int(match.group(1)) < 2**12 and int(match.group(2)) < 2**20
@@ -158,7 +176,7 @@ FIELD_CHECKS: Dict[str, Callable[[Any], bool]] = {
     'src': _str, 'dst': _str,
     'src_dev': _optional(_majmin), 'dst_dev': _optional(_majmin),
     'bps_limit': _int(),
-    'backend': lambda v: v in ('cgroup', 'pv', 'none'),
+    'backend': lambda v: _str(v) and _known_backend(v),
     'reason': _str,
     'started': _number,
     'volume_id': _optional(_str),

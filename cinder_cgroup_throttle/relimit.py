@@ -7,10 +7,11 @@ records what the copy asked for (``extra['requested_bps']``), the owner's host-w
 of that owner and applies the ones that moved, under an exclusive lock on the state
 directory, so a re-limit from the CLI and a copy starting in cinder-volume never interleave.
 
-Applying a rate: the cgroup backend rewrites the leaf's limit files (the kernel applies a
-new limit to in-flight I/O at once); the pv backend leaves a rate request next to the
-pipeline's state (``pipeline.request_rate``), which the pipeline applies with
-``pv -R PID -L RATE`` within its 0.2 s poll, or at its start if it is not running yet.
+Applying a rate is the copy's backend's (``CopyBackend.set_rate``, rebuilt from the entry):
+the cgroup backend rewrites the leaf's limit files (the kernel applies a new limit to
+in-flight I/O at once); the pv backend leaves a rate request next to the pipeline's state
+(``pipeline.request_rate``), which the pipeline applies with ``pv -R PID -L RATE`` within
+its 0.2 s poll, or at its start if it is not running yet.
 """
 from __future__ import annotations
 
@@ -25,13 +26,11 @@ from typing import Dict, Iterator, List, Optional
 
 from oslo_concurrency import lockutils
 
-from cinder_cgroup_throttle import pipeline, privileged
-from cinder_cgroup_throttle.cleanup import entry_leaf
+from cinder_cgroup_throttle import backends, privileged
 from cinder_cgroup_throttle.exception import CopyNotFound, ThrottleError
 from cinder_cgroup_throttle.registry import Entry, Registry
 from cinder_cgroup_throttle.statefiles import COPY_ID
-from cinder_cgroup_throttle.sharing import (StaticLimits, device_limits, fair_shares,
-                                            pipe_rate)
+from cinder_cgroup_throttle.sharing import StaticLimits, fair_shares
 from cinder_cgroup_throttle.units import format_rate
 
 LOG = logging.getLogger(__name__)
@@ -77,32 +76,13 @@ def locked(registry: Registry) -> Iterator[None]:
             os.close(fd)
 
 
-def apply(entry: Entry, bps: int, state_dir: str) -> None:
-    """Put ``bps`` in force for a running copy (``entry.bps_limit`` is the current rate)."""
-    if entry.backend == 'cgroup':
-        found = entry_leaf(entry)
-        assert found is not None
-        driver, leaf = found
-        if os.geteuid() != 0:  # as the copy's owner does: through the privsep daemon
-            driver = privileged.PrivilegedDriver(driver)  # type: ignore[assignment]
-        src, dst = entry.devices()
-        static = StaticLimits(**entry.extra.get('static', {}))
-        driver.write_limits(leaf, device_limits(src, dst, bps, static),
-                            previous=device_limits(src, dst, entry.bps_limit, static))
-    elif entry.backend == 'pv':
-        src, dst = entry.devices()  # pv enforces the lowest bytes/s that applies
-        rate = pipe_rate(bps, device_limits(src, dst, bps,
-                                            StaticLimits(**entry.extra.get('static', {}))))
-        try:  # a pipeline not running yet applies the request as it starts
-            pipeline.request_rate(state_dir, entry.id, rate)
-        except (RuntimeError, ValueError) as exc:
-            raise ThrottleError('cannot re-limit copy %s: %s' % (entry.id, exc)) from exc
-    else:
-        LOG.warning('copy %s runs unthrottled (%s): nothing to re-limit',
-                    entry.id, entry.reason)
+def apply(entry: Entry, bps: int, state_dir: str, executor: privileged.Executor) -> None:
+    """Put ``bps`` in force for a running copy (``entry.bps_limit`` is the current rate),
+    through its backend, as its owner would (``executor``)."""
+    backends.for_entry(entry, executor, state_dir).set_rate(entry, bps)
 
 
-def _rebalance_locked(registry: Registry, owner_pid: int,
+def _rebalance_locked(registry: Registry, owner_pid: int, executor: privileged.Executor,
                       strict: Optional[str] = None) -> List[Entry]:
     """Apply the fair shares; a copy that cannot be re-limited keeps its rate and is only
     logged (a copy ending must not fail because another could not speed up), except
@@ -120,7 +100,7 @@ def _rebalance_locked(registry: Registry, owner_pid: int,
             share = min(share, budget) if share else budget
         if share != entry.bps_limit:
             try:
-                apply(entry, share, registry.directory)
+                apply(entry, share, registry.directory, executor)
             except (ThrottleError, OSError) as exc:
                 if entry.id == strict:
                     raise
@@ -137,17 +117,20 @@ def _rebalance_locked(registry: Registry, owner_pid: int,
 
 
 def rebalance(registry: Registry, owner_pid: Optional[int] = None,
-              budgets: Optional[Dict[str, Optional[int]]] = None) -> List[Entry]:
+              budgets: Optional[Dict[str, Optional[int]]] = None,
+              executor: Optional[privileged.Executor] = None) -> List[Entry]:
     """Re-compute and apply the rates of every active copy of ``owner_pid`` (default:
     this process); call it after a copy of that owner started or ended. ``budgets``:
-    new shares of the backend's budget by copy id (budget.py; None: no budget share)."""
+    new shares of the backend's budget by copy id (budget.py; None: no budget share).
+    ``executor``: how root's steps run (default: this process's)."""
     with locked(registry):
         for copy_id, budget in (budgets or {}).items():
             entry = registry.load(copy_id)
             if entry is not None and entry.extra.get('budget_bps') != budget:
                 entry.extra['budget_bps'] = budget
                 registry.save(entry)
-        return _rebalance_locked(registry, owner_pid or os.getpid())
+        return _rebalance_locked(registry, owner_pid or os.getpid(),
+                                 executor or privileged.executor())
 
 
 def find(ident: str, registry: Registry) -> Entry:
@@ -165,9 +148,11 @@ def find(ident: str, registry: Registry) -> Entry:
     return matches[0]
 
 
-def set_limit(ident: str, bps: int, registry: Registry) -> Entry:
+def set_limit(ident: str, bps: int, registry: Registry,
+              executor: Optional[privileged.Executor] = None) -> Entry:
     """Set the rate a running copy asks for; returns its entry with the rate now in force
-    (lower than ``bps`` when the owner's host-wide cap gives it a smaller fair share)."""
+    (lower than ``bps`` when the owner's host-wide cap gives it a smaller fair share).
+    ``executor``: how root's steps run (default: this process's)."""
     if isinstance(bps, bool) or not isinstance(bps, int) or bps <= 0:
         raise ThrottleError('a running copy needs a rate > 0 bytes/s, not %r' % (bps,))
     with locked(registry):
@@ -177,7 +162,8 @@ def set_limit(ident: str, bps: int, registry: Registry) -> Entry:
                                % (entry.id, entry.owner_pid))
         entry.extra['requested_bps'] = bps
         registry.save(entry)
-        for current in _rebalance_locked(registry, entry.owner_pid, strict=entry.id):
+        for current in _rebalance_locked(registry, entry.owner_pid,
+                                         executor or privileged.executor(), strict=entry.id):
             if current.id == entry.id:
                 return current
     raise CopyNotFound('copy %s ended while being re-limited' % entry.id)

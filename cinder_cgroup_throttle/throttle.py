@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Dict, Iterator, Optional
 
+from cinder_cgroup_throttle import backends
 from cinder_cgroup_throttle.budget import BudgetConfig
 from cinder_cgroup_throttle.exception import InvalidRate, ThrottleError
 from cinder_cgroup_throttle.manager import DEFAULT_CGROUP, CopyManager
@@ -45,7 +46,7 @@ class CgroupThrottle(_Throttle):
     """Per-copy cgroup throttle, configured like the CLI and the cinder.conf options.
 
     ``bps_limit``: each copy's rate (``volume_copy_bps_limit``; bytes/s or units such as
-    ``'8Mi'``; 0 = no own rate). ``backend``: 'auto', 'cgroup' or 'pv'
+    ``'8Mi'``; 0 = no own rate). ``backend``: one of ``backends.CHOICES``, default 'auto'
     (``volume_copy_throttle_backend``). ``host_bps_limit``: total of all concurrent copies
     of this throttle, shared fairly (``volume_copy_host_bps_limit``).
     ``read_bps_limit``/``write_bps_limit``/``read_iops_limit``/``write_iops_limit``: static
@@ -61,7 +62,7 @@ class CgroupThrottle(_Throttle):
 
     def __init__(self, bps_limit: Any = 0, cgroup_name: str = DEFAULT_CGROUP,
                  grace: float = 10.0, manager: Optional[CopyManager] = None, *,
-                 backend: str = 'auto', host_bps_limit: Any = 0, read_bps_limit: Any = 0,
+                 backend: Optional[str] = None, host_bps_limit: Any = 0, read_bps_limit: Any = 0,
                  write_bps_limit: Any = 0, read_iops_limit: int = 0,
                  write_iops_limit: int = 0, allow_unthrottled: bool = False,
                  state_dir: Optional[str] = None,
@@ -74,13 +75,13 @@ class CgroupThrottle(_Throttle):
                               write_iops=_count(write_iops_limit, 'write_iops_limit'))
         host_bps = parse_rate(host_bps_limit, 'host_bps_limit')
         if manager is not None:
-            if (backend != 'auto' or host_bps or static or allow_unthrottled
+            if (backend is not None or host_bps or static or allow_unthrottled
                     or state_dir is not None or budget_config is not None):
                 raise ThrottleError('CgroupThrottle: give either manager or the manager\'s '
                                     'settings (backend, limits, state_dir, budget_config), '
                                     'not both')
         else:
-            manager = CopyManager(cgroup_name, grace=grace, backend=backend,
+            manager = CopyManager(cgroup_name, grace=grace, backend=backend or backends.AUTO,
                                   allow_unthrottled=allow_unthrottled,
                                   registry=Registry(state_dir), host_bps_limit=host_bps,
                                   static=static, budget_config=budget_config)

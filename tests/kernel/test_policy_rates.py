@@ -27,7 +27,7 @@ import pytest
 
 from cinder_cgroup_throttle import pipeline, policy, relimit
 from cinder_cgroup_throttle.cinder_hook import PolicyThrottle, copying
-from cinder_cgroup_throttle.manager import PIPE_COMMAND
+from cinder_cgroup_throttle.privileged import PIPE_COMMAND
 from cinder_cgroup_throttle.registry import Registry
 from cinder_cgroup_throttle.sharing import StaticLimits
 from tests.kernel.test_cgroup_copy import dd_argv

@@ -10,7 +10,7 @@ import pytest
 from oslo_config import cfg
 
 from cinder_cgroup_throttle import opts
-from cinder_cgroup_throttle.manager import BACKENDS
+from cinder_cgroup_throttle.backends import CHOICES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SAMPLE = os.path.join(ROOT, 'doc', 'cinder-cgroup-throttle.conf.sample')
@@ -73,7 +73,7 @@ def test_shipped_sample_is_current():
 
 def test_backend_choices_are_the_managers():
     opt = {o.name: o for o in opts.ALL_OPTS}['volume_copy_throttle_backend']
-    assert tuple(opt.type.choices) == BACKENDS
+    assert tuple(opt.type.choices) == CHOICES
 
 
 def test_metadata_key_option_exists_and_names_metadata():

@@ -286,7 +286,7 @@ def test_real_copies_pass_rootwrap(scratch, cgroup_parent, state_dir, rootwrap, 
     from cinder.volume import volume_utils
 
     from cinder_cgroup_throttle.cgroups import get_driver
-    from cinder_cgroup_throttle.privileged import PrivilegedDriver
+    from cinder_cgroup_throttle.privileged import PRIVSEP
     from cinder_cgroup_throttle.throttle import CgroupThrottle
     from tests.scratch import MiB, fill_random, sha256_prefix
 
@@ -297,8 +297,7 @@ def test_real_copies_pass_rootwrap(scratch, cgroup_parent, state_dir, rootwrap, 
     # The privileged cgroup steps go through the privsep daemon, started through the same
     # rootwrap, as for a non-root service.
     privsep_through(helper)
-    driver = PrivilegedDriver(get_driver(cgroup_parent)) if backend == 'cgroup' else None
-    manager = CopyManager(cgroup_parent, grace=5, backend=backend, driver=driver,
+    manager = CopyManager(cgroup_parent, grace=5, backend=backend, executor=PRIVSEP,
                           registry=Registry(state_dir))
     throttle = CgroupThrottle(8 * MiB, manager=manager)
     src, dst = scratch.loop(16), scratch.loop(16)
