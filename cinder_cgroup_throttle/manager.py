@@ -54,6 +54,14 @@ class RunningCopy:
         return self.entry.dst
 
     @property
+    def src_dev(self) -> Optional[devices.BlockDevice]:
+        return self.entry.devices()[0]
+
+    @property
+    def dst_dev(self) -> Optional[devices.BlockDevice]:
+        return self.entry.devices()[1]
+
+    @property
     def volume_id(self) -> Optional[str]:
         return self.entry.volume_id
 

@@ -81,7 +81,11 @@ class Entry:
             if not majmin:
                 return None
             major, minor = (int(n) for n in majmin.split(':'))
-            return BlockDevice(major, minor, majmin, via_file=via_file)
+            try:  # its kernel name, for messages; the number is what counts
+                name = os.path.basename(os.readlink('/sys/dev/block/' + majmin))
+            except OSError:
+                name = majmin
+            return BlockDevice(major, minor, name, via_file=via_file)
         return (device(self.src_dev, self.src_via_file),
                 device(self.dst_dev, self.dst_via_file))
 
