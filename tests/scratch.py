@@ -181,15 +181,20 @@ _DD_SECONDS = re.compile(r' copied, ([0-9.]+) s, ')
 
 def timed(argv: List[str]) -> float:
     """Run argv, fail loudly with its stderr, return the seconds it took: dd's own figure
-    when argv runs dd, else wall time. Starting cgexec and dd is no part of the copy, and in
-    the VM lane (TCG emulation) it costs 0.3-0.9 s of wall time."""
+    when argv runs dd (a dd that did not report it fails: no silent fall back to wall
+    time), else wall time. Starting cgexec and dd is no part of the copy, and in the VM
+    lane (TCG emulation) it costs 0.3-0.9 s of wall time."""
     t0 = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, text=True)
     elapsed = time.monotonic() - t0
     if proc.returncode:
         raise AssertionError('%s failed (%d): %s' % (argv, proc.returncode, proc.stderr))
     found = _DD_SECONDS.findall(proc.stderr)
-    return float(found[-1]) if found else elapsed
+    if found:
+        return float(found[-1])
+    if any(os.path.basename(arg) == 'dd' for arg in argv):
+        raise AssertionError('%s: dd reported no time of its own: %s' % (argv, proc.stderr))
+    return elapsed
 
 
 def dd_seconds(stderr: str) -> float:
