@@ -1,4 +1,8 @@
-"""The privileged cgroup steps of a cinder-volume that does not run as root.
+"""Privileged operations in one place: the executor, and the root side of a non-root service.
+
+:func:`executor` decides once, from the effective uid, how root's steps run; the chosen
+:class:`Executor` is injected wherever root is needed (manager, backends, re-limit,
+cleanup, CLI).
 
 cgroupfs is world-readable, but only root may create a cgroup, write its limits or remove
 it. As os-brick and Cinder do, those steps run in an oslo.privsep daemon: the context
