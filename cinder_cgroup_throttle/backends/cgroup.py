@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import ClassVar, List, Optional, Set, Tuple, Type
+from typing import ClassVar, List, Set, Tuple, Type
 
 import psutil
 
 from cinder_cgroup_throttle.backends.base import Action, CopyBackend, Done
-from cinder_cgroup_throttle.cgroups import CgroupDriver, CgroupHost, DeviceLimit, detect
+from cinder_cgroup_throttle.cgroups import CgroupDriver, DeviceLimit, detect
 from cinder_cgroup_throttle.cgroups.base import validate_cgroup_path
 from cinder_cgroup_throttle.exception import ThrottleError
 from cinder_cgroup_throttle.limits import plan_limits
@@ -31,15 +31,11 @@ class CgroupBackend(CopyBackend):
     name = 'cgroup'
     controller: ClassVar[str]  # what cgexec -g and the entry name
     driver_class: ClassVar[Type[CgroupDriver]]
+    host_mount: ClassVar[str]  # the CgroupHost field with this version's mountpoint
 
     def __init__(self, executor: Executor, state_dir: str, driver: CgroupDriver) -> None:
         super().__init__(executor, state_dir)
         self.driver = driver
-
-    @staticmethod
-    def mountpoint(host: CgroupHost) -> Optional[str]:
-        """Where this version's hierarchy is mounted on ``host``."""
-        raise NotImplementedError
 
     @classmethod
     def for_driver(cls, executor: Executor, state_dir: str,
@@ -61,7 +57,8 @@ class CgroupBackend(CopyBackend):
                                 % (entry.id, entry.cgroup))
         host = detect()
         for version in cls.__subclasses__():
-            if version.controller == controller and entry.mountpoint == version.mountpoint(host):
+            if (version.controller == controller
+                    and entry.mountpoint == getattr(host, version.host_mount)):
                 driver = version.driver_class(entry.mountpoint, validate_cgroup_path(parent))
                 return version(executor, state_dir, executor.wrap(driver))
         raise ThrottleError('%s is not the mounted %s cgroup hierarchy'

@@ -1,17 +1,11 @@
 """cgroup v2: an io leaf per copy (``io.max``; cgroups/io_v2.py)."""
 from __future__ import annotations
 
-from typing import Optional
-
 from cinder_cgroup_throttle.backends.cgroup import CgroupBackend
-from cinder_cgroup_throttle.cgroups import CgroupHost
 from cinder_cgroup_throttle.cgroups.io_v2 import IoV2Driver
 
 
 class CgroupV2Backend(CgroupBackend):
     controller = 'io'
     driver_class = IoV2Driver
-
-    @staticmethod
-    def mountpoint(host: CgroupHost) -> Optional[str]:
-        return host.v2_root
+    host_mount = 'v2_root'
