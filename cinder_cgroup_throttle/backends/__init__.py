@@ -54,9 +54,12 @@ def host_cgroup(cgroup_name: str, executor: Executor, state_dir: str) -> CgroupB
 
 
 class Selector:
-    """Chooses the backend of each copy: the operator's ``mode`` (:data:`CHOICES`) and
-    what the host and the copy's devices allow; with ``allow_unthrottled`` a copy nothing
-    can throttle runs without a limit instead of failing."""
+    """Chooses the backend of each copy from the operator's ``mode`` and what the host and
+    the copy's devices allow: 'cgroup' fails a copy no cgroup can throttle, 'pv' always
+    takes the fallback, 'auto' a cgroup where the host has a usable controller and a side
+    of the copy is on a block device, else pv. With ``allow_unthrottled`` a copy nothing
+    can throttle runs without a limit instead of failing. The host's cgroup is looked up
+    once, here."""
 
     def __init__(self, mode: str, cgroup_name: str, executor: Executor, state_dir: str,
                  allow_unthrottled: bool = False) -> None:

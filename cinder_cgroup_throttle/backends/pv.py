@@ -76,4 +76,4 @@ class PvBackend(CopyBackend):
         """Whether the copy's wrapper still runs; ForeignFile when its state is not one
         a pipeline wrote."""
         state = pipeline.read_pipe_state(self.state_dir, copy_id)
-        return bool(state) and process_alive(state['wrapper_pid'], state['started'])
+        return state is not None and process_alive(state['wrapper_pid'], state['started'])

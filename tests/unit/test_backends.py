@@ -12,6 +12,7 @@ import re
 import secrets
 import subprocess
 import time
+from typing import Any, Optional
 
 import pytest
 
@@ -48,8 +49,8 @@ def device(text: str) -> BlockDevice:
     return BlockDevice(major, minor, text)
 
 
-def an_entry(backend: str, dst_dev: str = None, bps: int = 4 * MiB,
-             static: dict = None, **fields) -> Entry:
+def an_entry(backend: str, dst_dev: Optional[str] = None, bps: int = 4 * MiB,
+             static: Optional[dict] = None, **fields: Any) -> Entry:
     return Entry(id='copy-%d-%s' % (os.getpid(), secrets.token_hex(4)),
                  owner_pid=os.getpid(), owner_start=None, src='/dev/zero',
                  dst='/dev/x', src_dev=None, dst_dev=dst_dev, bps_limit=bps,
@@ -69,8 +70,8 @@ def write_limit(path: str, dev: str) -> int:
     v1 = os.path.join(path, 'blkio.throttle.write_bps_device')
     if os.path.exists(v1):
         with open(v1) as f:
-            found = [line.split() for line in f if line.startswith(dev + ' ')]
-        return int(found[0][1]) if found else 0
+            rows = [line.split() for line in f if line.startswith(dev + ' ')]
+        return int(rows[0][1]) if rows else 0
     with open(os.path.join(path, 'io.max')) as f:
         found = re.search(r'^%s .*wbps=(\d+)' % re.escape(dev), f.read(), re.M)
     return int(found.group(1)) if found else 0
