@@ -16,6 +16,7 @@ import sysconfig
 import textwrap
 import time
 
+import psutil
 import pytest
 
 from cinder_cgroup_throttle.cgroups import get_driver
@@ -254,6 +255,51 @@ def stable_rates(samples, dev, min_span=1.0):
     return out
 
 
+CAP_DAC_OVERRIDE = 1 << 1  # linux/capability.h
+
+
+def privsep_socks(pid):
+    """The --privsep_sock_path of daemon starts below ``pid`` (sudo, cinder-rootwrap and
+    privsep-helper carry it on their command lines while the daemon starts)."""
+    socks = set()
+    try:
+        procs = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return socks
+    for p in procs:
+        try:
+            cmd = p.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        if '--privsep_sock_path' in cmd[:-1]:
+            socks.add(cmd[cmd.index('--privsep_sock_path') + 1])
+    return socks
+
+
+def privsep_daemon_caps(socks):
+    """{daemon pid: (euid, CapPrm, CapEff, CapInh)} of the privsep daemons serving
+    ``socks``, read from /proc. privsep-helper forks: the parent, a child of
+    cinder-rootwrap, exits; the daemon goes on detached and drops to its context's
+    capabilities."""
+    found = {}
+    for p in psutil.process_iter(['name', 'cmdline', 'ppid', 'status']):
+        cmd = p.info['cmdline'] or []
+        if (p.info['name'] != 'privsep-helper' or p.info['status'] == psutil.STATUS_ZOMBIE
+                or '--privsep_sock_path' not in cmd[:-1]
+                or cmd[cmd.index('--privsep_sock_path') + 1] not in socks):
+            continue
+        try:
+            if psutil.Process(p.info['ppid']).name() == 'cinder-rootwrap':
+                continue  # the daemon's start, not the daemon
+            with open('/proc/%d/status' % p.pid) as f:
+                status = dict(line.split(':', 1) for line in f if ':' in line)
+        except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
+            continue
+        found[p.pid] = (int(status['Uid'].split()[1]),) + tuple(
+            int(status[k], 16) for k in ('CapPrm', 'CapEff', 'CapInh'))
+    return found
+
+
 def test_eventlet_service_with_greenthread_copies_and_relimit(scratch, cgroup_parent,
                                                               deployment):
     """Cap 8 MiB/s, each copy asks 8 MiB/s: alone a copy gets 8, together 4 + 4; B
@@ -278,8 +324,13 @@ def test_eventlet_service_with_greenthread_copies_and_relimit(scratch, cgroup_pa
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd='/')
     samples = {}  # leaf -> [(time, limits, written)]
+    socks, daemons, next_scan = set(), {}, 0.0
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
+        socks |= privsep_socks(proc.pid)  # cheap: the service has a few children
+        if socks and time.monotonic() >= next_scan:
+            daemons.update(privsep_daemon_caps(socks))  # the last reading of each
+            next_scan = time.monotonic() + 0.5
         for leaf in leaf_dirs(cgroup_parent):
             sample = leaf_sample(leaf)
             if sample:
@@ -295,6 +346,11 @@ def test_eventlet_service_with_greenthread_copies_and_relimit(scratch, cgroup_pa
 
     assert result['driver'] == 'PrivilegedDriver'
     assert result['max_gap'] <= 0.5, result
+    # Least privilege: the daemon that wrote the cgroups held CAP_DAC_OVERRIDE and nothing
+    # else (effective, permitted, inheritable), as euid 0 of the root helper.
+    print('eventlet: privsep daemons (euid, CapPrm, CapEff, CapInh) %s' % daemons)
+    assert daemons and all(caps == (0, CAP_DAC_OVERRIDE, CAP_DAC_OVERRIDE, 0)
+                           for caps in daemons.values()), daemons
     assert sha256_prefix(a_dst, a_mib * MiB) == a_digest
     assert sha256_prefix(b_dst, b_mib * MiB) == b_digest
     for dst, mib in ((a_dst, a_mib), (b_dst, b_mib)):

@@ -117,3 +117,38 @@ def test_read_only_cgroupfs_selects_pv_and_says_why(scratch):
     assert 'cgroup throttling unavailable: ' + reason in proc.stderr
     assert 'backend pv' in proc.stdout
     assert sha256_prefix(dst, SIZE) == digest
+
+
+
+def test_failed_move_out_of_the_namespace_root_is_one_clear_reason(scratch, container):
+    """The kernel refuses to move the container's processes into ``main``: a threaded
+    cgroup beside it makes the container's cgroup a threaded domain and ``main`` "domain
+    invalid", which cannot hold processes. check names that reason, the copy warns with it
+    and still runs throttled, by pv; nothing is left in the container's cgroup tree."""
+    threaded = os.path.join(container, 'threads')
+    os.mkdir(threaded)
+    scratch.defer('remove ' + threaded, lambda: os.path.isdir(threaded) and os.rmdir(threaded))
+    with open(os.path.join(threaded, 'cgroup.type'), 'w') as f:
+        f.write('threaded')
+    os.mkdir(os.path.join(container, 'main'))
+    assert read(os.path.join(container, 'main', 'cgroup.type')).strip() == 'domain invalid'
+    src, dst = scratch.loop(40), scratch.loop(40)
+    digest = fill_random(src, SIZE)
+    proc = in_namespace(container, 'sleep 600 >/dev/null 2>&1 & '
+                        'umount /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup && '
+                        '%s check; echo "check exit $?"; '
+                        'exec %s copy %s %s --limit %d --size %d'
+                        % (CLI, CLI, src, dst, RATE, SIZE))
+    out, err = proc.communicate(timeout=300)
+    print(out, err)
+    reason = 'must move to /sys/fs/cgroup/main first, which failed: '
+    assert reason in out, out  # check
+    assert proc.returncode == 0, out + err
+    assert 'cgroup throttling unavailable: ' in err and reason in err, err
+    assert 'backend pv' in out
+    assert sha256_prefix(dst, SIZE) == digest
+
+    def cgroups(path):
+        return sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
+    assert cgroups(container) == ['main', 'threads'] and cgroups(
+        os.path.join(container, 'main')) == []
