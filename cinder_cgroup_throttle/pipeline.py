@@ -64,8 +64,9 @@ POLL = 0.2  # seconds between progress updates / rate-request checks
 #: first at its start; it takes a credit only when its loop wakes (every 90 ms when idle).
 GRID = 0.1
 #: SIGWINCH to pv this many seconds after its last grid point, until it ended: its clock
-#: starts 1-6 ms after its exec returned here, and each signal wakes its loop.
-FINAL_KICKS = tuple(0.001 * n for n in range(1, 16))
+#: starts 1-6 ms after its exec returned here (more on a busy host), and each signal
+#: wakes its loop; without them its last credit waits for its next 90 ms wake-up.
+FINAL_KICKS = tuple(0.001 + 0.002 * n for n in range(50))
 #: From our start of pv to its last credit beyond the grid, and from that credit to the
 #: wrapper's exit (the writer's last write, its exit, ours): measured, see doc/benchmark.md.
 PV_LAG = 0.002
@@ -428,7 +429,7 @@ def pv_share(total: int, rate: int, seconds: float) -> Tuple[int, int]:
     per_credit = rate * GRID
     credits = max(0, math.floor(seconds / GRID)) + 1
     share = math.floor(credits * per_credit) - 1
-    if share <= 0:  # below 10 bytes/s: no grid to speak of
+    if share <= 0:  # a credit under two bytes: no grid to speak of
         return total, 0
     if share >= total:  # all of it through pv, on the credits it needs
         return total, math.floor(total / per_credit) + 1
