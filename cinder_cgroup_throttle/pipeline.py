@@ -449,6 +449,7 @@ class Pipeline:
         self.source_size: Optional[int] = None
         self._request_mtime: Optional[float] = None
         self._source: Optional[int] = None
+        self._dropped = 0  # the source's pages before this offset were dropped
         self._last_credit: Optional[float] = None  # when pv's last credit is due
         self.pv: Optional[Stage] = None
         self.stages: List[Stage] = []
@@ -554,8 +555,11 @@ class Pipeline:
         state = self.state()
         with as_caller():
             self.files.write_json(_pipe_name(self.copy_id), state)
-        if self._source is not None and self.bytes:  # written out: not needed in memory
-            os.posix_fadvise(self._source, 0, self.bytes, os.POSIX_FADV_DONTNEED)
+        if self._source is not None and self.bytes and self.bytes > self._dropped:
+            # Written out: not needed in memory any more.
+            os.posix_fadvise(self._source, self._dropped, self.bytes - self._dropped,
+                             os.POSIX_FADV_DONTNEED)
+            self._dropped = self.bytes
 
     def apply_rate_request(self, running: bool = True) -> None:
         """Take a new rate from ``<id>.rate``: at start as our rate, later through pv -R."""
