@@ -153,7 +153,7 @@ class Plan(NamedTuple):
     argv: List[str]  # the writer dd, or qemu-img convert -r RATE ...
     ionice: List[str]
     source: Optional[str] = None
-    count: Optional[int] = None  # bytes (count= with iflag=count_bytes)
+    byte_count: Optional[int] = None  # dd's count= (always with iflag=count_bytes)
 
 
 def plan(command: List[str], rate: int) -> Plan:
@@ -465,7 +465,7 @@ class Pipeline:
         self._source = src = os.open(self.plan.source,  # type: ignore[arg-type]
                                      os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
         self.source_size = _source_size(src)
-        sizes = [s for s in (self.plan.count, self.source_size) if s is not None]
+        sizes = [s for s in (self.plan.byte_count, self.source_size) if s is not None]
         self.expected = min(sizes) if sizes else None
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size for non-root
@@ -499,7 +499,7 @@ class Pipeline:
         """Send the bytes due since ``t0`` into the pipe ourselves; return (bytes left for
         pv, -1 for "up to the end of the source"; its credits, 0 when unplanned)."""
         if self.expected is None:  # no size known: pv paces from its own start
-            return (self.plan.count or -1), 0
+            return -1, 0
         left = self._deadline(t0) - PV_LAG - HEAD_MARGIN - time.monotonic()
         pv_bytes, credits = pv_share(self.expected, self.rate, left)
         head = self.expected - pv_bytes
@@ -649,7 +649,7 @@ class Pipeline:
         if self.expected is not None and report.bytes != self.expected:
             return ('copy %s incomplete: writer dd wrote %d of %d bytes (count %s, source '
                     '%s bytes)' % (self.copy_id, report.bytes, self.expected,
-                                   self.plan.count, self.source_size))
+                                   self.plan.byte_count, self.source_size))
         return None
 
     def close(self) -> None:

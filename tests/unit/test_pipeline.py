@@ -17,7 +17,7 @@ def test_dd_becomes_pv_reading_the_source_into_the_writer_dd():
     plan = pipeline.plan(['ionice', '-c2', '-n7', 'dd', 'if=/dev/a', 'of=/dev/b',
                           'count=4096', 'bs=1M', 'iflag=count_bytes,direct',
                           'oflag=direct', 'conv=fdatasync'], 8 * MiB)
-    assert plan.tool == 'dd' and plan.source == '/dev/a' and plan.count == 4096
+    assert plan.tool == 'dd' and plan.source == '/dev/a' and plan.byte_count == 4096
     assert plan.ionice == ['ionice', '-c2', '-n7']  # pv reads under the same class
     assert plan.argv == ['ionice', '-c2', '-n7', 'dd', 'of=/dev/b', 'bs=1M', 'count=4096',
                          'iflag=count_bytes,fullblock', 'oflag=direct', 'conv=fdatasync']
