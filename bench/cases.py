@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable, Dict, List
 
 import budget
+import fallback
 from copyrun import MiB, CopyResult, DeviceSampler, run_concurrently, run_copy
 
 from tests.scratch import Scratch, fill_random, sha256_prefix
@@ -334,4 +335,4 @@ def timeline(cfg: Config, scratch: Scratch, con: Any) -> List[Row]:
 
 PHASES: Dict[str, Callable[[Config, Scratch, Any], List[Row]]] = {
     'accuracy': accuracy, 'concurrent': concurrent, 'scale': scale, 'cpu': cpu,
-    'timeline': timeline, 'budget': budget.phase}
+    'timeline': timeline, 'budget': budget.phase, 'fallback': fallback.phase}

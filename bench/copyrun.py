@@ -7,7 +7,7 @@ O_DIRECT probing and the ``subcommand`` protocol are Cinder's own) with two hook
   the dd starts (setup) and after it exits (teardown);
 * an ``execute`` that runs the dd and reaps it with ``wait4`` for its wall time and the CPU
   of it and every process it waited for (cgexec exec()s dd; the pv fallback's wrapper waits
-  for its dd | pv | dd), without mixing up concurrent copies.
+  for its pv | dd), without mixing up concurrent copies.
 """
 from __future__ import annotations
 

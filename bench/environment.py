@@ -83,3 +83,11 @@ def activate() -> None:
     path = os.environ.get('PATH', '')
     if bindir not in path.split(os.pathsep):
         os.environ['PATH'] = bindir + os.pathsep + path
+
+
+def compile_package() -> None:
+    """Byte-compile this package as ``pip install`` does: with PYTHONDONTWRITEBYTECODE set
+    (as in this project's environments) every start of the fallback's wrapper would
+    otherwise compile its modules again, a cost no installed copy has."""
+    import compileall
+    compileall.compile_dir(os.path.join(REPO, 'cinder_cgroup_throttle'), quiet=1)

@@ -9,6 +9,7 @@ MiB = 1 << 20
 RATIO_TARGET = (0.97, 1.02)
 OVERHEAD_TARGET_MS = 5.0
 CPU_TARGET = 1.5
+FALLBACK_CPU_TARGET = 3.0  # issue 12: the pv fallback, CPU per GiB vs bare dd
 
 Row = Dict[str, Any]
 
@@ -68,7 +69,7 @@ def table(rows: List[Row]) -> str:
     seen: List[str] = []
     for row in rows:
         if row['case'] not in seen and not row['case'].startswith(('left behind', 'CPU')) \
-                and 'summary' not in row:
+                and 'summary' not in row and 'fallback' not in row:
             seen.append(row['case'])
     for case in seen:
         ours, cinder = _find(rows, case, 'ours'), _find(rows, case, 'cinder')
@@ -128,6 +129,46 @@ def table(rows: List[Row]) -> str:
         out.append('| %s | %s | %s | nothing: %s |' % (
             case, _left(ours), _left(cinder),
             _mark(ours is not None and _left(ours) == 'nothing')))
+    text = '\n'.join(out)
+    return text + ('\n\n' + fallback_table(rows) if any('fallback' in r for r in rows)
+                   else '')
+
+
+def fallback_table(rows: List[Row]) -> str:
+    """The fallback phase: this wrapper, the previous one, bare dd (bench/fallback.py)."""
+    names = ('ours', 'previous', 'none')
+    out = ['| pv fallback | this wrapper | previous wrapper | bare dd | target (this) |',
+           '|---|---|---|---|---|']
+    cases: List[str] = []
+    for row in rows:
+        if 'fallback' in row and row['case'] not in cases:
+            cases.append(row['case'])
+    for case in cases:
+        cells, target = [], ''
+        for name in names:
+            row = _find(rows, case, name)
+            if row is None:
+                cells.append('')
+            elif row.get('error'):
+                cells.append('failed: ' + row['error'][:60])
+            elif 'cpu_s_per_gib' in row:
+                cells.append('%.3f s/GiB' % row['cpu_s_per_gib'])
+            else:
+                cells.append(_ratio_cell(row))
+        ours, bare = _find(rows, case, 'ours'), _find(rows, case, 'none')
+        if ours is not None and ours.get('ratio') is not None:
+            lo, hi = 0.98, 1.02
+            target = '%.2f–%.2f: %s' % (lo, hi, _mark(lo <= ours['ratio'] <= hi))
+        elif ours is not None and bare is not None and 'cpu_s_per_gib' in ours \
+                and 'cpu_s_per_gib' in bare:
+            factors = ['%s %.1f×' % (label, _find(rows, case, name)['cpu_s_per_gib']
+                                     / bare['cpu_s_per_gib'])
+                       for label, name in (('this', 'ours'), ('previous', 'previous'))
+                       if 'cpu_s_per_gib' in (_find(rows, case, name) or {})]
+            target = '%s bare dd (this ≤ %.0f×: %s)' % (
+                ', '.join(factors), FALLBACK_CPU_TARGET,
+                _mark(ours['cpu_s_per_gib'] <= FALLBACK_CPU_TARGET * bare['cpu_s_per_gib']))
+        out.append('| %s | %s | %s |' % (case, ' | '.join(cells), target))
     return '\n'.join(out)
 
 

@@ -30,7 +30,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                         help='directory for results.json, table.md and throughput.png')
     parser.add_argument('--phase', action='append', dest='phases',
                         choices=['accuracy', 'concurrent', 'scale', 'cpu', 'timeline',
-                                 'budget'],
+                                 'budget', 'fallback'],
                         help='run only this phase (repeatable)')
     parser.add_argument('--cinder-at-once', type=int, metavar='N',
                         help="copies at once for Cinder's throttle in the scale phase "
@@ -88,6 +88,7 @@ def main(argv: List[str]) -> int:
     args = parse_args(argv[1:])
     environment.ensure(argv, allow_install=not args.no_install)
     environment.activate()
+    environment.compile_package()
     signal.signal(signal.SIGTERM, _terminate)
     warnings.filterwarnings('ignore', message='.*Eventlet is deprecated')  # cinder imports it
 

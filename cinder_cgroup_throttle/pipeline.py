@@ -1,19 +1,33 @@
-"""``cinder-cgroup-throttle-pipe``: the rate-limited copy used where cgroups cannot throttle.
+"""The pv fallback: a copy paced by pv where cgroups cannot throttle (the library behind
+``cinder-cgroup-throttle-pipe``, whose entry point is :mod:`cinder_cgroup_throttle.cmd.pipe`).
 
-Cinder appends its own argv to the throttle prefix, so this is an exec-style wrapper::
+Cinder appends its own argv to the throttle prefix, so the wrapper is exec-style::
 
     cinder-cgroup-throttle-pipe --id ID --rate BPS --state-dir DIR -- \\
         [ionice -cN [-nN]] dd if=S of=D count=N bs=B iflag=count_bytes[,direct] \\
         [oflag=direct] [conv=fdatasync|sparse|fdatasync,sparse]
     cinder-cgroup-throttle-pipe ... -- qemu-img convert ...
 
-A dd becomes ``reader dd | pv -q -L BPS | writer dd`` (the writer reads with
-``iflag=fullblock`` so that ``count=`` and O_DIRECT survive short pipe reads); ionice is
-applied to both dds. A shell pipeline would hide failures (a missing source "succeeds" with
-nothing copied, ENOSPC leaves pv exiting 0), so every stage is a child of this process and
-every exit status is checked: the copy fails with the stderr of the stage that failed first
-in the data flow's terms (the most downstream one; upstream stages then only see a broken
-pipe). ``qemu-img convert`` gets its own limiter, ``-r BPS``. Anything else is refused.
+A dd becomes ``[ionice] pv -q -L BPS -s R -S < S | [ionice] dd of=D count=N
+iflag=count_bytes,fullblock ...``: pv reads the source itself (one process and one pipe
+fewer than a reader dd; it splices, so no byte crosses user space before the writer), the
+writer dd keeps Cinder's ``oflag=direct``/``conv=`` (``fullblock`` so that ``count=`` and
+O_DIRECT survive short pipe reads). The source is opened without O_DIRECT (splice refuses
+it) and its pages are dropped (POSIX_FADV_DONTNEED) behind the writer, so the copy does not
+fill the page cache. ``qemu-img convert`` gets its own limiter, ``-r BPS``. Anything else
+is refused.
+
+Pacing is exact from the wrapper's own start, not from pv's: the bytes due for the time
+before pv runs (the wrapper's start-up) go straight into the pipe first (the head start);
+pv then gets the rest, sized to its 0.1 s credit grid, and is started so that its last
+credit falls on the copy's deadline. pv 1.6 takes a credit only when its loop wakes (every
+90 ms when idle), so the wrapper wakes it with SIGWINCH right after each grid point.
+
+Nothing is hidden as a shell pipeline would (a missing source "succeeds" with nothing
+copied, ENOSPC leaves pv exiting 0): every stage is a child of this process, waited for
+through pidfds; the copy fails with the stderr of the most downstream failed stage (those
+upstream only see a broken pipe), and succeeds only if the writer dd reports min(count,
+source size) bytes.
 
 Runs as root under rootwrap while its caller (cinder-volume) may not be root, so it:
 
@@ -23,28 +37,44 @@ Runs as root under rootwrap while its caller (cinder-volume) may not be root, so
 * publishes progress in ``DIR/<ID>.pipe.json`` and takes rate changes from ``DIR/<ID>.rate``
   (see :func:`request_rate`), writing as the sudo caller so that it can never create or
   replace files where its caller could not.
+
+Stdlib only, and no subprocess or dataclasses on the copy's path: the wrapper's start-up
+is part of every copy's CPU and time.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import dataclasses
+import math
 import os
-import pwd
 import re
+import select
 import signal
-import subprocess
+import stat
 import sys
-import tempfile
 import time
-from typing import IO, Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from cinder_cgroup_throttle.exception import ThrottleError
+from cinder_cgroup_throttle import ddstats
 from cinder_cgroup_throttle.statefiles import COPY_ID, ForeignFile, StateDir
 
 USAGE = ('usage: cinder-cgroup-throttle-pipe --id ID --rate BYTES_PER_SECOND '
          '--state-dir DIR -- [ionice -cN [-nN]] dd OPERAND... | qemu-img convert ARG...')
 POLL = 0.2  # seconds between progress updates / rate-request checks
+#: pv 1.6 adds rate/10 to its budget every 0.1 s of its clock (RATE_GRANULARITY), the
+#: first at its start; it takes a credit only when its loop wakes (every 90 ms when idle).
+GRID = 0.1
+#: SIGWINCH to pv this many seconds after its last grid point, until it ended: its clock
+#: starts 1-6 ms after its exec returned here (more on a busy host), and each signal
+#: wakes its loop; without them its last credit waits for its next 90 ms wake-up.
+FINAL_KICKS = tuple(0.001 + 0.002 * n for n in range(50))
+#: From our start of pv to its last credit beyond the grid, and from that credit to the
+#: wrapper's exit (the writer's last write, its exit, ours): measured, see doc/benchmark.md.
+PV_LAG = 0.002
+TAIL = 0.003
+#: Head start beyond the time already spent: sending it and starting pv take this long.
+HEAD_MARGIN = 0.003
+PIPE_SIZE = 1 << 20  # pv -> writer dd: fewer wake-ups than the 64 KiB default
+_F_SETPIPE_SZ = 1031
 _PR_SET_PDEATHSIG = 1
 
 _DD_FLAGS = {'iflag': {'count_bytes', 'direct'}, 'oflag': {'direct'},
@@ -56,21 +86,8 @@ class Refused(Exception):
     """The argv is not one this wrapper runs."""
 
 
-@dataclasses.dataclass
-class Stage:
-    name: str
-    argv: List[str]
-    proc: Optional[subprocess.Popen] = None
-    stderr: Optional[IO[bytes]] = None  # temporary file collecting the stage's stderr
-
-    def error_text(self) -> str:
-        assert self.stderr is not None
-        self.stderr.seek(0)
-        return self.stderr.read().decode(errors='replace').strip()
-
-
 # -- argv parsing -----------------------------------------------------------------------
-def parse_args(argv: Sequence[str]) -> tuple:
+def parse_args(argv: Sequence[str]) -> Tuple[str, int, str, List[str]]:
     """(copy_id, rate, state_dir, command) from our argv; Refused says what is wrong."""
     argv = list(argv)
     if len(argv) < 8 or argv[0::2][:3] != ['--id', '--rate', '--state-dir'] \
@@ -87,7 +104,7 @@ def parse_args(argv: Sequence[str]) -> tuple:
     return copy_id, int(rate), state_dir, command
 
 
-def split_ionice(command: List[str]) -> tuple:
+def split_ionice(command: List[str]) -> Tuple[List[str], List[str]]:
     """(ionice argv or [], rest); only the class/level forms Cinder passes are accepted."""
     if not command or command[0] != 'ionice':
         return [], command
@@ -120,39 +137,40 @@ def parse_dd(argv: List[str]) -> Dict[str, str]:
     for key in ('if', 'of', 'bs'):
         if key not in ops:
             raise Refused('dd needs %s=' % key)
-    if 'count' in ops and not re.match(r'^[0-9]{1,20}\Z', ops['count']):
-        raise Refused('dd count=%s must be a number' % ops['count'])
+    if 'count' in ops:
+        if not re.match(r'^[0-9]{1,20}\Z', ops['count']):
+            raise Refused('dd count=%s must be a number' % ops['count'])
+        if 'count_bytes' not in ops.get('iflag', '').split(','):
+            # pv counts bytes; Cinder's copy_volume always passes count_bytes.
+            raise Refused('dd count= without iflag=count_bytes is not supported')
     return ops
 
 
-def dd_stages(ionice: List[str], ops: Dict[str, str], rate: int) -> List[Stage]:
-    """reader dd | pv | writer dd, preserving count/bs/direct/sparse/fdatasync."""
-    iflags = [f for f in ops.get('iflag', '').split(',') if f]
-    count = ['count=' + ops['count']] if 'count' in ops else []
-    reader = ionice + ['dd', 'if=' + ops['if'], 'bs=' + ops['bs']] + count
-    if iflags:
-        reader.append('iflag=' + ','.join(iflags))
-    # fullblock: a pipe returns short reads, which would make count= copy too little and
-    # make dd drop O_DIRECT for the rest of the copy.
-    writer = ionice + ['dd', 'of=' + ops['of'], 'bs=' + ops['bs']] + count
-    writer.append('iflag=count_bytes,fullblock' if 'count_bytes' in iflags
-                  else 'iflag=fullblock')
-    for key in ('oflag', 'conv'):
-        if key in ops:
-            writer.append('%s=%s' % (key, ops[key]))
-    return [Stage('reader dd', reader), Stage('pv', ['pv', '-q', '-L', str(rate)]),
-            Stage('writer dd', writer)]
+class Plan(NamedTuple):
+    """What runs for one command: pv from ``source`` into ``argv`` (dd), or ``argv`` alone
+    (qemu-img, which limits itself)."""
+    tool: str  # 'dd' or 'qemu-img'
+    argv: List[str]  # the writer dd, or qemu-img convert -r RATE ...
+    ionice: List[str]
+    source: Optional[str] = None
+    byte_count: Optional[int] = None  # dd's count= (always with iflag=count_bytes)
 
 
-def plan(command: List[str], rate: int) -> List[Stage]:
-    """The stages that run ``command`` at ``rate``; Refused for anything else."""
+def plan(command: List[str], rate: int) -> Plan:
+    """How ``command`` runs at ``rate``; Refused for anything else."""
     ionice, rest = split_ionice(command)
     if rest[:1] == ['dd']:
-        return dd_stages(ionice, parse_dd(rest), rate)
+        ops = parse_dd(rest)
+        count = ['count=' + ops['count'], 'iflag=count_bytes,fullblock'] \
+            if 'count' in ops else ['iflag=fullblock']
+        writer = ionice + ['dd', 'of=' + ops['of'], 'bs=' + ops['bs']] + count
+        writer += ['%s=%s' % (key, ops[key]) for key in ('oflag', 'conv') if key in ops]
+        return Plan('dd', writer, ionice, ops['if'],
+                    int(ops['count']) if 'count' in ops else None)
     if rest[:2] == ['qemu-img', 'convert'] and not ionice:
         if any(a.startswith('-r') for a in rest[2:]):
             raise Refused('qemu-img convert already has a rate limit (-r)')
-        return [Stage('qemu-img', ['qemu-img', 'convert', '-r', str(rate)] + rest[2:])]
+        return Plan('qemu-img', ['qemu-img', 'convert', '-r', str(rate)] + rest[2:], [])
     raise Refused('refusing to run %r: only [ionice -cN [-nN]] dd ... and qemu-img '
                   'convert ... can be throttled by this wrapper'
                   % ' '.join(command[:4]))
@@ -204,6 +222,7 @@ def as_caller() -> Iterator[None]:
     if os.geteuid() != 0 or not uid.isdigit() or int(uid) == 0:
         yield
         return
+    import pwd
     groups = os.getgroups()
     os.setgroups([])  # root's supplementary groups must not open doors either
     os.setegid(int(gid) if gid.isdigit() else pwd.getpwuid(int(uid)).pw_gid)
@@ -286,63 +305,248 @@ def _proc_io(pid: int, key: str) -> Optional[int]:
     return None
 
 
-# -- running ----------------------------------------------------------------------------
+# -- processes --------------------------------------------------------------------------
+_LIBC = None
+
+
+def _libc():  # type: ignore[no-untyped-def]
+    """libc through ctypes, loaded once (before any fork: a child must only call it)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
     """prctl(PR_SET_PDEATHSIG): the kernel sends ``sig`` when our parent exits."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+    if _libc().prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        import ctypes
         raise OSError(ctypes.get_errno(), 'prctl(PR_SET_PDEATHSIG) failed')
+
+
+def process_started() -> float:
+    """When this process was created, on the monotonic clock (to half a clock tick):
+    its caller's clock started then, so ours does too."""
+    with open('/proc/self/stat', 'rb') as f:
+        fields = f.read().rsplit(b')', 1)[1].split()
+    tick = 1.0 / os.sysconf('SC_CLK_TCK')
+    started = int(fields[19]) * tick + tick / 2  # field 22: starttime, truncated to ticks
+    return time.monotonic() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+
+
+class Stage:
+    """One child process of a copy: its pid, pidfd, exit status and stderr (a memfd)."""
+
+    def __init__(self, name: str, argv: List[str]) -> None:
+        self.name, self.argv = name, argv
+        self.pid: Optional[int] = None
+        self.pidfd: Optional[int] = None
+        self.returncode: Optional[int] = None
+        self.stderr = os.memfd_create(name.replace(' ', '-'), os.MFD_CLOEXEC)
+
+    def spawn(self, stdin: int, stdout: int) -> None:
+        """fork + exec with PR_SET_PDEATHSIG; OSError if the program cannot be run."""
+        _libc()
+        parent = os.getpid()
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # the child: no Python beyond this block
+            try:
+                os.close(err_r)
+                die_with_parent(signal.SIGKILL)
+                if os.getppid() != parent:
+                    os._exit(1)
+                for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by Python
+                    signal.signal(sig, signal.SIG_DFL)
+                os.dup2(stdin, 0)
+                os.dup2(stdout, 1)
+                os.dup2(self.stderr, 2)
+                os.execvpe(self.argv[0], self.argv, dict(os.environ, LC_ALL='C'))
+            except OSError as exc:
+                os.write(err_w, str(exc.errno).encode())
+            finally:
+                os._exit(127)
+        os.close(err_w)
+        with open(err_r, 'rb') as f:
+            failed = f.read()  # empty: exec succeeded and closed the pipe
+        self.pid = pid
+        if failed:
+            os.waitpid(pid, 0)
+            self.returncode = 127
+            code = int(failed)
+            raise OSError(code, '%s: %s' % (os.strerror(code), self.argv[0]))
+        self.pidfd = os.pidfd_open(pid)
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None and self.returncode is None
+
+    def reap(self) -> None:
+        """Collect the exit status once the pidfd said the process ended."""
+        pid, status = os.waitpid(self.pid, os.WNOHANG)  # type: ignore[arg-type]
+        if pid:
+            self.returncode = os.waitstatus_to_exitcode(status)
+            os.close(self.pidfd)  # type: ignore[arg-type]
+
+    def kill(self) -> None:
+        if self.running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            _, status = os.waitpid(self.pid, 0)  # type: ignore[arg-type]
+            self.returncode = os.waitstatus_to_exitcode(status)
+            os.close(self.pidfd)  # type: ignore[arg-type]
+
+    def error_text(self) -> str:
+        size = os.fstat(self.stderr).st_size
+        return os.pread(self.stderr, size, 0).decode(errors='replace').strip()
+
+    def describe_failure(self) -> str:
+        code = self.returncode or 0
+        how = ('killed by %s' % signal.Signals(-code).name if code < 0
+               else 'exited with status %d' % code)
+        text = self.error_text()
+        return '%s (%s) %s%s' % (self.name, ' '.join(self.argv), how,
+                                 ': ' + text if text else '')
+
+
+def _source_size(fd: int) -> Optional[int]:
+    """Bytes in a regular file or block device; None for what has no size (a FIFO...)."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return os.fstat(fd).st_size
+    if stat.S_ISBLK(mode):
+        size = os.lseek(fd, 0, os.SEEK_END)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return size
+    return None
+
+
+def pv_share(total: int, rate: int, seconds: float) -> Tuple[int, int]:
+    """(bytes for pv, its credits) for a pv that has ``seconds`` until the deadline: as
+    many bytes as its credits in that time allow (the first credit comes at its start),
+    less one so that its last credit ends its copy at once, not at its next wake-up."""
+    per_credit = rate * GRID
+    credits = max(0, math.floor(seconds / GRID)) + 1
+    share = math.floor(credits * per_credit) - 1
+    if share <= 0:  # a credit under two bytes: no grid to speak of
+        return total, 0
+    if share >= total:  # all of it through pv, on the credits it needs
+        return total, math.floor(total / per_credit) + 1
+    return share, credits
 
 
 class Pipeline:
     """The running stages of one copy, their published state and rate changes."""
 
-    def __init__(self, copy_id: str, rate: int, state_dir: str, stages: List[Stage],
-                 total: Optional[int]) -> None:
-        self.copy_id, self.rate, self.state_dir = copy_id, rate, state_dir
+    def __init__(self, copy_id: str, rate: int, state_dir: str, plan: Plan) -> None:
+        self.copy_id, self.rate, self.state_dir, self.plan = copy_id, rate, state_dir, plan
         self.files = StateDir(state_dir)
-        self.stages, self.total = stages, total
-        self.pv = next((s for s in stages if s.name == 'pv'), None)
         self.started = time.time()
         self.rate_error: Optional[str] = None
         self.bytes: Optional[int] = None  # last known progress (a finished stage has none)
+        self.expected: Optional[int] = None  # bytes the writer must report
+        self.source_size: Optional[int] = None
         self._request_mtime: Optional[float] = None
+        self._source: Optional[int] = None
+        self._dropped = 0  # the source's pages before this offset were dropped
+        self._last_credit: Optional[float] = None  # when pv's last credit is due
+        self.pv: Optional[Stage] = None
+        self.stages: List[Stage] = []
 
-    def start(self) -> None:
-        env = dict(os.environ, LC_ALL='C')
-        upstream = None
-        for i, stage in enumerate(self.stages):
-            stage.stderr = tempfile.TemporaryFile()
-            last = i == len(self.stages) - 1
-            stage.proc = subprocess.Popen(
-                stage.argv, stdin=upstream, stderr=stage.stderr, env=env,
-                stdout=None if last else subprocess.PIPE,
-                preexec_fn=lambda: die_with_parent(signal.SIGKILL))
-            if upstream is not None:
-                upstream.close()  # only the two stages hold a pipe's ends
-            upstream = stage.proc.stdout
+    # -- starting ---------------------------------------------------------------------
+    def start(self, t0: float) -> None:
+        """Start the stages of a copy whose caller's clock started at ``t0``."""
+        self.apply_rate_request(running=False)
+        if self.plan.tool == 'qemu-img':
+            self.stages = [Stage('qemu-img', self.plan.argv)]
+            self.stages[0].spawn(0, 1)
+            return
+        self._source = src = os.open(self.plan.source,  # type: ignore[arg-type]
+                                     os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        self.source_size = _source_size(src)
+        sizes = [s for s in (self.plan.byte_count, self.source_size) if s is not None]
+        self.expected = min(sizes) if sizes else None
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size for non-root
+            import fcntl
+            fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
+        try:
+            writer = Stage('writer dd', self.plan.argv)
+            self.stages.append(writer)
+            writer.spawn(read_end, 1)
+            os.close(read_end)
+            read_end = -1
+            pv_bytes, credits = self._head_start(t0, write_end)
+            if pv_bytes:
+                self.pv = Stage('pv', self.plan.ionice + [
+                    'pv', '-q', '-L', str(self.rate)] + (
+                    ['-s', str(pv_bytes), '-S'] if pv_bytes > 0 else []))
+                self.stages.insert(0, self.pv)
+                if credits:  # start pv so that its last credit falls on the deadline
+                    last_credit = self._deadline(t0) - PV_LAG
+                    self._sleep_until(last_credit - (credits - 1) * GRID, writer)
+                if writer.running:
+                    self.pv.spawn(src, write_end)
+                    if credits:
+                        self._last_credit = time.monotonic() + (credits - 1) * GRID
+        finally:
+            for fd in (read_end, write_end):
+                if fd >= 0:
+                    os.close(fd)
 
+    def _head_start(self, t0: float, pipe: int) -> Tuple[int, int]:
+        """Send the bytes due since ``t0`` into the pipe ourselves; return (bytes left for
+        pv, -1 for "up to the end of the source"; its credits, 0 when unplanned)."""
+        if self.expected is None:  # no size known: pv paces from its own start
+            return -1, 0
+        left = self._deadline(t0) - PV_LAG - HEAD_MARGIN - time.monotonic()
+        pv_bytes, credits = pv_share(self.expected, self.rate, left)
+        head = self.expected - pv_bytes
+        while head > 0:
+            try:
+                sent = os.sendfile(pipe, self._source, None, head)  # type: ignore[arg-type]
+            except BrokenPipeError:  # the writer died: its status says why
+                return 0, 0
+            if not sent:  # the source is shorter than its size said
+                break
+            head -= sent
+        return pv_bytes, credits
+
+    def _deadline(self, t0: float) -> float:
+        """When pv must have sent its last byte for the copy to take size/rate from t0."""
+        return t0 + self.expected / self.rate - TAIL  # type: ignore[operator]
+
+    def _sleep_until(self, when: float, writer: Stage) -> None:
+        """Wait for ``when``, or for the writer to end (a failed open, a full disk)."""
+        delay = when - time.monotonic()
+        if delay > 0 and writer.pidfd is not None:
+            poller = select.poll()
+            poller.register(writer.pidfd, select.POLLIN)
+            if poller.poll(math.ceil(delay * 1000)):
+                writer.reap()
+
+    # -- running ----------------------------------------------------------------------
     def state(self) -> dict:
         """What pipe.json holds; reads /proc/PID/io, so call it with our own rights."""
-        progress = None
-        if self.pv is not None and self.stages[-1].proc is not None:
-            # The writer dd's write(2)s: pv moves data with splice(2), which wchar misses.
-            progress = _proc_io(self.stages[-1].proc.pid, 'wchar')
-        elif self.stages[0].proc is not None:
-            progress = _proc_io(self.stages[0].proc.pid, 'rchar')
-        if progress is not None:
-            self.bytes = progress
+        last = self.stages[-1] if self.stages else None
+        if last is not None and last.running:
+            # The writer dd's write(2)s (pv splices, which wchar misses); qemu-img's reads.
+            progress = _proc_io(last.pid, 'wchar' if self.plan.tool == 'dd'  # type: ignore
+                                else 'rchar')
+            if progress is not None:
+                self.bytes = progress
         return {
             'id': self.copy_id,
-            'tool': 'dd' if self.pv is not None else self.stages[0].argv[0],
+            'tool': self.plan.tool,
             'wrapper_pid': os.getpid(),
-            'pids': {s.name: s.proc.pid for s in self.stages if s.proc},
-            'pv_pid': self.pv.proc.pid if self.pv and self.pv.proc else None,
+            'pids': {s.name: s.pid for s in self.stages if s.pid},
+            'pv_pid': self.pv.pid if self.pv else None,
             'rate': self.rate,
             'relimit': self.pv is not None,
             'rate_error': self.rate_error,
             'bytes': self.bytes,
-            'total_bytes': self.total,
+            'total_bytes': self.expected if self.plan.tool == 'dd' else None,
             'started': self.started,
             'updated': time.time(),
         }
@@ -351,8 +555,14 @@ class Pipeline:
         state = self.state()
         with as_caller():
             self.files.write_json(_pipe_name(self.copy_id), state)
+        if self._source is not None and self.bytes and self.bytes > self._dropped:
+            # Written out: not needed in memory any more.
+            os.posix_fadvise(self._source, self._dropped, self.bytes - self._dropped,
+                             os.POSIX_FADV_DONTNEED)
+            self._dropped = self.bytes
 
-    def apply_rate_request(self) -> None:
+    def apply_rate_request(self, running: bool = True) -> None:
+        """Take a new rate from ``<id>.rate``: at start as our rate, later through pv -R."""
         name = _rate_name(self.copy_id)
         with as_caller():
             try:
@@ -369,10 +579,14 @@ class Pipeline:
         if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted <= 0:
             self.rate_error = 'ignored rate request %r: not a positive integer' % (wanted,)
             return
-        if self.pv is None or self.pv.proc is None:
+        if not running:
+            self.rate = wanted
+            return
+        if self.pv is None or not self.pv.running:
             self.rate_error = 'this copy cannot change its rate'
             return
-        proc = subprocess.run(['pv', '-R', str(self.pv.proc.pid), '-L', str(wanted)],
+        import subprocess  # only here: a re-limit is rare, every copy starts
+        proc = subprocess.run(['pv', '-R', str(self.pv.pid), '-L', str(wanted)],
                               capture_output=True, text=True)
         if proc.returncode:
             self.rate_error = 'pv -R failed: %s' % proc.stderr.strip()
@@ -380,59 +594,84 @@ class Pipeline:
             self.rate, self.rate_error = wanted, None
 
     def wait(self) -> None:
-        while True:
-            running = [s.proc for s in self.stages if s.proc and s.proc.poll() is None]
-            if not running:
-                return
-            self.apply_rate_request()
-            self.publish()
-            # Wakes as soon as the most downstream running stage (the one ending last) ends.
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                running[-1].wait(timeout=POLL)
+        """Until every stage ended: publish, apply rate requests, wake pv for its last
+        credit (:data:`FINAL_KICKS`)."""
+        poller = select.poll()
+        by_fd = {}
+        for stage in self.stages:
+            if stage.running:
+                poller.register(stage.pidfd, select.POLLIN)  # type: ignore[arg-type]
+                by_fd[stage.pidfd] = stage
+        kicks = [self._last_credit + k for k in FINAL_KICKS] if self._last_credit else []
+        planned_rate = self.rate
+        next_publish = time.monotonic()
+        while by_fd:
+            now = time.monotonic()
+            if now >= next_publish:
+                self.apply_rate_request()
+                self.publish()
+                next_publish = now + POLL
+            if self.rate != planned_rate or self.pv is None or not self.pv.running:
+                kicks = []  # a new rate has a deadline of its own: pv paces alone
+            if kicks and now >= kicks[0]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pv.pid, signal.SIGWINCH)  # type: ignore[union-attr,arg-type]
+                kicks = [k for k in kicks if k > now]
+            wake = min([next_publish] + kicks[:1])
+            timeout = max(0.0, wake - time.monotonic())
+            for fd, _ in poller.poll(math.ceil(timeout * 1000)):
+                stage = by_fd[fd]
+                stage.reap()
+                if not stage.running:
+                    poller.unregister(fd)
+                    del by_fd[fd]
 
     def kill(self) -> None:
         for stage in self.stages:
-            if stage.proc is not None and stage.proc.poll() is None:
-                stage.proc.kill()
-        for stage in self.stages:
-            if stage.proc is not None:
-                stage.proc.wait()
+            stage.kill()
 
     def failure(self) -> Optional[str]:
         """Why the copy failed, or None. Blames the most downstream failed stage: when a
-        stage dies, those before it only see a broken pipe and those after it see EOF."""
-        failed = [s for s in self.stages if s.proc and s.proc.returncode]
-        if not failed:
+        stage dies, those before it only see a broken pipe and those after it see EOF;
+        then checks that the writer wrote every byte it had to."""
+        failed = [s for s in self.stages if s.returncode]
+        if failed:
+            lines = [s.describe_failure() for s in reversed(failed)]
+            return ('copy %s failed: %s' % (self.copy_id, lines[0])
+                    + ''.join('\n  also: ' + line for line in lines[1:]))
+        if self.plan.tool != 'dd':
             return None
-        lines = []
-        for stage in reversed(failed):
-            code = stage.proc.returncode  # type: ignore[union-attr]
-            how = ('killed by %s' % signal.Signals(-code).name if code < 0
-                   else 'exited with status %d' % code)
-            text = stage.error_text()
-            lines.append('%s (%s) %s%s' % (stage.name, ' '.join(stage.argv), how,
-                                           ': ' + text if text else ''))
-        return ('copy %s failed: %s' % (self.copy_id, lines[0])
-                + ''.join('\n  also: ' + line for line in lines[1:]))
+        writer = self.stages[-1]
+        report = ddstats.report(writer.error_text())
+        if report is None:
+            return ('copy %s failed: writer dd reported no byte count: %s'
+                    % (self.copy_id, writer.error_text() or 'no output'))
+        if self.expected is not None and report.bytes != self.expected:
+            return ('copy %s incomplete: writer dd wrote %d of %d bytes (count %s, source '
+                    '%s bytes)' % (self.copy_id, report.bytes, self.expected,
+                                   self.plan.byte_count, self.source_size))
+        return None
 
-    def cleanup(self) -> None:
+    def close(self) -> None:
+        """Drop the source's pages (Cinder asked for O_DIRECT: no cache) and our state."""
+        if self._source is not None:
+            os.posix_fadvise(self._source, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(self._source)
+            self._source = None
         with as_caller():
             remove_state(self.state_dir, self.copy_id)
 
 
-def run(argv: Sequence[str]) -> int:
+def run(argv: Sequence[str], t0: Optional[float] = None) -> int:
+    """Run the copy our argv asks for; its exit status. ``t0``: when our caller started us
+    (default: this process's creation)."""
     copy_id, rate, state_dir, command = parse_args(argv)
-    stages = plan(command, rate)
-    total = None
-    if stages[-1].name == 'writer dd':
-        ops = parse_dd(split_ionice(command)[1])
-        if 'count' in ops and 'count_bytes' in ops.get('iflag', ''):
-            total = int(ops['count'])
+    what = plan(command, rate)
     if not os.path.isdir(state_dir):
         raise Refused('--state-dir %s is not a directory' % state_dir)
     with as_caller(), StateDir(state_dir).fd():
         pass  # StateDirError unless it is a directory the ownership model allows
-    pipeline = Pipeline(copy_id, rate, state_dir, stages, total)
+    pipeline = Pipeline(copy_id, rate, state_dir, what)
 
     def terminate(signum, frame):
         sys.stderr.write('copy %s: terminated by %s\n' % (copy_id, signal.Signals(signum).name))
@@ -446,32 +685,22 @@ def run(argv: Sequence[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, terminate)
     try:
-        pipeline.start()
+        try:
+            pipeline.start(process_started() if t0 is None else t0)
+        except OSError as exc:
+            pipeline.kill()
+            sys.stderr.write('copy %s failed: %s\n' % (copy_id, exc))
+            return 1
         pipeline.publish()
         pipeline.wait()
     except BaseException:
         pipeline.kill()
         raise
     finally:
-        pipeline.cleanup()
+        pipeline.close()
     error = pipeline.failure()
     if error:
         sys.stderr.write(error + '\n')
         return 1
     sys.stderr.write(pipeline.stages[-1].error_text() + '\n')
     return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        return run(sys.argv[1:] if argv is None else argv)
-    except (Refused, ThrottleError) as exc:  # ThrottleError: an unsafe state directory
-        sys.stderr.write('cinder-cgroup-throttle-pipe: %s\n' % exc)
-        return 2
-    except OSError as exc:  # a stage could not be started (pv not installed, ...)
-        sys.stderr.write('cinder-cgroup-throttle-pipe: copy failed: %s\n' % exc)
-        return 1
-
-
-if __name__ == '__main__':
-    sys.exit(main())

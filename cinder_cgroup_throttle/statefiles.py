@@ -27,7 +27,6 @@ import errno
 import json
 import os
 import re
-import secrets
 import stat
 from typing import Any, Dict, Iterator, List
 
@@ -68,7 +67,7 @@ class ForeignFile(ThrottleError):
 
 
 def new_copy_id() -> str:
-    return 'copy-%d-%s' % (os.getpid(), secrets.token_hex(4))
+    return 'copy-%d-%s' % (os.getpid(), os.urandom(4).hex())
 
 
 def _unsafe_mode(st: os.stat_result) -> bool:
@@ -187,7 +186,7 @@ class StateDir:
         reading what root re-saved) see the old or the new file, never a partial one."""
         self._checked_name(name)
         payload = json.dumps(data).encode()
-        tmp = '.%s.%s.tmp' % (name, secrets.token_hex(8))
+        tmp = '.%s.%s.tmp' % (name, os.urandom(8).hex())
         with self.fd() as dfd:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600, dir_fd=dfd)

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import signal
 import stat
 import subprocess
 import time
 from typing import Callable, List, Optional
 
-from cinder_cgroup_throttle import pipeline
+from cinder_cgroup_throttle import ddstats, pipeline
 from cinder_cgroup_throttle.exception import DeviceResolutionError, ThrottleError
 from cinder_cgroup_throttle.manager import CopyManager
 from cinder_cgroup_throttle.progress import Progress, ProgressMonitor, dd_total, path_size
 
-_DD_COPIED = re.compile(r'^(\d+) bytes', re.MULTILINE)
 # O_DIRECT needs block-aligned sizes; 4096 covers 512e and 4Kn devices.
 _ALIGN = 4096
 _RATE_WINDOW = 3.0  # seconds of samples behind the progress bar's rate
@@ -131,13 +129,13 @@ def _check_dd(argv: List[str], returncode: int, err: str, size: int) -> None:
     if returncode:
         raise ThrottleError('copy failed: %s exited with %s: %s'
                             % (argv[0], _status(returncode), text or 'no message'))
-    copied = _DD_COPIED.findall(err)
-    if not copied:
+    copied = ddstats.report(err)
+    if copied is None:
         raise ThrottleError('copy finished but dd did not report the bytes it copied: %s'
                             % (text or 'no output'))
-    if int(copied[-1]) != size:
-        raise ThrottleError('copy incomplete: dd copied %s of %d bytes'
-                            % (copied[-1], size))
+    if copied.bytes != size:
+        raise ThrottleError('copy incomplete: dd copied %d of %d bytes'
+                            % (copied.bytes, size))
 
 
 def _status(returncode: int) -> str:

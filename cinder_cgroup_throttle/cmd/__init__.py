@@ -1,0 +1,1 @@
+"""Entry points of this package's executables: thin, over the library modules."""

@@ -1,0 +1,69 @@
+"""The fallback's plan for a command, its share of pv's credits, and dd's report parsing.
+
+Oracles are written out by hand (argv, arithmetic) or produced by a real dd.
+"""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from cinder_cgroup_throttle import ddstats, pipeline
+
+MiB = 1 << 20
+
+
+def test_dd_becomes_pv_reading_the_source_into_the_writer_dd():
+    plan = pipeline.plan(['ionice', '-c2', '-n7', 'dd', 'if=/dev/a', 'of=/dev/b',
+                          'count=4096', 'bs=1M', 'iflag=count_bytes,direct',
+                          'oflag=direct', 'conv=fdatasync'], 8 * MiB)
+    assert plan.tool == 'dd' and plan.source == '/dev/a' and plan.byte_count == 4096
+    assert plan.ionice == ['ionice', '-c2', '-n7']  # pv reads under the same class
+    assert plan.argv == ['ionice', '-c2', '-n7', 'dd', 'of=/dev/b', 'bs=1M', 'count=4096',
+                         'iflag=count_bytes,fullblock', 'oflag=direct', 'conv=fdatasync']
+
+
+def test_qemu_img_limits_itself():
+    plan = pipeline.plan(['qemu-img', 'convert', '-O', 'raw', 'a', 'b'], 1000)
+    assert plan.argv == ['qemu-img', 'convert', '-r', '1000', '-O', 'raw', 'a', 'b']
+
+
+@pytest.mark.parametrize('command, why', [
+    (['dd', 'if=/a', 'of=/b', 'count=4', 'bs=1M'], 'count_bytes'),
+    (['dd', 'if=/a', 'of=/b', 'bs=1M', 'skip=1'], 'skip=1'),
+    (['qemu-img', 'convert', '-r', '5', 'a', 'b'], 'rate limit'),
+    (['cat', '/etc/shadow'], 'refusing'),
+])
+def test_other_shapes_are_refused(command, why):
+    with pytest.raises(pipeline.Refused, match=why):
+        pipeline.plan(command, 1000)
+
+
+@pytest.mark.parametrize('total, rate, seconds, expected', [
+    # 2 s left at 8 MiB/s: credits at 0, 0.1, ..., 2.0 s: 21 of 838860.8 bytes, less one.
+    (64 * MiB, 8 * MiB, 2.0, (17616075, 21)),
+    (64 * MiB, 8 * MiB, 2.05, (17616075, 21)),  # the grid: whole credits only
+    (64 * MiB, 8 * MiB, -0.5, (838859, 1)),  # late: pv's first credit, at once
+    (MiB, 8 * MiB, 2.0, (MiB, 2)),  # all through pv: the credits it needs
+    (100, 5, 0.0, (100, 0)),  # one credit under a byte: no grid to plan on
+])
+def test_pv_share_fills_whole_credits(total, rate, seconds, expected):
+    assert pipeline.pv_share(total, rate, seconds) == expected
+
+
+def _dd(*operands: str) -> str:
+    return subprocess.run(['dd'] + list(operands), capture_output=True, text=True,
+                          env={'LC_ALL': 'C', 'PATH': '/usr/bin:/bin'}).stderr
+
+
+@pytest.mark.parametrize('count, bs', [(3, '1'), (1, '1'), (0, '1'), (2, '1M')],
+                         ids=['bytes', 'one-byte', 'nothing', 'MiB'])
+def test_ddstats_reads_real_dd_reports(count, bs):
+    bytes_ = count * (MiB if bs == '1M' else 1)
+    report = ddstats.report(_dd('if=/dev/zero', 'of=/dev/null', 'count=%d' % count,
+                                'bs=' + bs))
+    assert report is not None and report.bytes == bytes_ and report.seconds >= 0
+
+
+def test_ddstats_without_a_report_is_none():
+    assert ddstats.report(_dd('if=/nonexistent', 'of=/dev/null')) is None
