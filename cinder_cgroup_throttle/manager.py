@@ -20,7 +20,6 @@ from cinder_cgroup_throttle.backends import CopyBackend
 from cinder_cgroup_throttle.cgroups import CgroupDriver, DeviceLimit
 from cinder_cgroup_throttle.cgroups.base import validate_cgroup_path
 from cinder_cgroup_throttle.exception import CopyNotFound, ThrottleError
-from cinder_cgroup_throttle.privileged import PIPE_COMMAND  # noqa: F401  (re-exported)
 from cinder_cgroup_throttle.sharing import StaticLimits, device_limits, fair_shares
 from cinder_cgroup_throttle.registry import Entry, Registry, process_start_time
 from cinder_cgroup_throttle.statefiles import new_copy_id

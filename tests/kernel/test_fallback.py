@@ -19,7 +19,8 @@ import pytest
 import cinder_cgroup_throttle
 from cinder_cgroup_throttle import pipeline
 from cinder_cgroup_throttle.exception import ThrottleError
-from cinder_cgroup_throttle.manager import PIPE_COMMAND, CopyManager
+from cinder_cgroup_throttle.manager import CopyManager
+from cinder_cgroup_throttle.privileged import PIPE_COMMAND
 from cinder_cgroup_throttle.registry import Registry
 from cinder_cgroup_throttle.sharing import StaticLimits
 from tests.kernel.test_cgroup_copy import dd_argv
