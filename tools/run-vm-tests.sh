@@ -31,7 +31,7 @@ SYSTEMD=(-m systemd tests/systemd)
 # The e2e suite holds two volume groups' data in guest RAM (tmpfs) and runs Cinder's
 # services beside the copies: 6 GiB, and a second vCPU so that the services' Python does
 # not starve the copies (see doc/benchmark.md).
-E2E=(-m vm tests/e2e)
+E2E=(-m vm --durations=0 tests/e2e)
 PLAIN=1
 case ${1:-} in
     --systemd)

@@ -19,9 +19,10 @@ Oracles, per copy:
 
 Authentication: the API runs Cinder's own ``keystonecontext`` middleware without
 ``authtoken`` (no Keystone in the lane), so the X-User-Id, X-Project-Id and X-Roles headers
-are trusted as if Keystone had checked them; an admin (role admin) migrates, a tenant (role
-member) creates, retypes, clones, changes metadata and deletes: Cinder tells a tenant's
-retype from an admin's migration by the request's context, and so does the throttle.
+are trusted as if Keystone had checked them (with the roles Keystone implies: admin, member,
+reader; Cinder answers 404 to a tenant without reader). An admin migrates; a tenant
+creates, retypes, clones, changes metadata and deletes: Cinder tells a tenant's retype
+from an admin's migration by the request's context, and so does the throttle.
 
 Not covered: upload-to-image and create-from-image need Glance (an image service API and
 its store); the lane has neither, and a stand-in would test the stand-in, not Cinder.
@@ -61,9 +62,10 @@ BOUNDS = (0.99, 1.01)  # slope / limit
 PORT = 18776
 HOST = 'cct-vm'
 PROJECT = '0123456789abcdef0123456789abcdef'  # Cinder's routes take hex project ids
-ADMIN = {'X-User-Id': 'cct-admin', 'X-Roles': 'admin,member'}
-TENANT = {'X-User-Id': 'cct-tenant', 'X-Roles': 'member'}
-RESULTS: List[Dict[str, Any]] = []
+ADMIN = {'X-User-Id': 'cct-admin', 'X-Roles': 'admin,member,reader'}
+TENANT = {'X-User-Id': 'cct-tenant', 'X-Roles': 'member,reader'}  # roles Keystone implies
+RESULTS: List[Dict[str, Any]] = []  # one row per measured copy, printed by conftest.py
+NOTES: List[str] = []
 
 LVM_CONF = """\
 devices { obtain_device_list_from_udev = 0 external_device_info_source = "none"
@@ -237,7 +239,7 @@ class Cloud:
             cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
         t0 = time.monotonic()
         self.wait_for(self._pools_up, 'both LVM pools in the scheduler', timeout=900)
-        sys.__stdout__.write('\ncinder services up after %.0f s\n' % (time.monotonic() - t0))
+        NOTES.append('Cinder services up after %.0f s' % (time.monotonic() - t0))
         self.probe.__enter__()
         self.probing = True
 
@@ -523,18 +525,6 @@ def cloud(kernel_ready):
         yield c
     finally:
         problems = c.stop()
-        if RESULTS:
-            rows = [('flow', 'copy', 'MiB', 'device', 'MiB/s 10-90 %', 'limit', 'ratio',
-                     'dd clock')]
-            rows += [(r['flow'], r['kind'], '%d' % (r['bytes'] // MiB), r['device'],
-                      '%.3f' % (r['rate'] / MiB), '%.0f' % (r['limit'] / MiB),
-                      '%.3f' % (r['rate'] / r['limit']),
-                      '%.3f' % r['dd'] if r['dd'] else '-') for r in RESULTS]
-            widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-            table = '\n'.join(' | '.join(c.ljust(w) for c, w in zip(row, widths))
-                              for row in rows)
-            sys.__stdout__.write('\nflows through Cinder\'s API (VM lane):\n%s\n' % table)
-            sys.__stdout__.flush()
         assert not problems, problems
 
 
@@ -652,6 +642,8 @@ def test_tenant_retype_with_metadata_change_mid_copy(cloud):
             cloud, 'tenant metadata %s mid-retype (io.max after %.1f s)'
             % ('4Mi' if limit == LOW else 'removed', seen - called),
             leaf, 'data', GiB, limit=limit, window=(seen + 1, end)))
+    NOTES.append('tenant metadata changes in the leaf\'s io.max %s s after the API call'
+                 % ' and '.join('%.2f' % d for d in delays))
     assert max(delays) < 5, delays
     ratios += delete(cloud, done)
     assert in_bounds(ratios), ratios
