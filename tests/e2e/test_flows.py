@@ -493,11 +493,15 @@ def measure(cloud: Cloud, flow: str, leaf: str, kind: str, total: int, limit: in
     gaps = [(a[0], b[0]) for a, b in zip(points, points[1:])
             if b[0] - a[0] > max(0.5, 4 * typical)]
     stalled = sum(t1 - t0 - typical for t0, t1 in gaps)
-    span = points[-1][0] - points[0][0]
+    moving, shift = [], 0.0  # the same steps with the stalls cut out of the time axis
+    for (ta, _), (tb, b) in zip([points[0]] + points, points):
+        if (ta, tb) in gaps:
+            shift += tb - ta - typical
+        moving.append((tb - shift, b))
     row = {'flow': flow, 'kind': kind, 'bytes': total, 'rate': rate, 'limit': limit,
            'device': key.split()[1], 'ratio': rate / limit,
-           'steady': (points[-1][1] - points[0][1]) / (span - stalled) / limit,
-           'stalled': stalled, 'gaps': len(gaps), 'span': span,
+           'steady': slope(moving) / limit, 'span': points[-1][0] - points[0][0],
+           'stalled': stalled, 'gaps': len(gaps),
            'late': cloud.probe.late(points[0][0], points[-1][0]),
            'dd': dd['bytes'] / dd['seconds'] / limit if dd else None}
     RESULTS.append(row)
@@ -545,10 +549,11 @@ def summary(rows: List[Dict[str, Any]]) -> List[Tuple[Any, ...]]:
 
 
 def in_bounds(rows: List[Dict[str, Any]]) -> bool:
-    """Every copy at its limit, 10-90 %; where the copy stood still, at its limit while it
-    moved (the stalls are in the table)."""
-    return all(BOUNDS[0] <= r['steady'] <= BOUNDS[1] and
-               (BOUNDS[0] <= r['ratio'] <= BOUNDS[1] or r['stalled'] > 0) for r in rows)
+    """Every copy at its limit from 10 % to 90 %; a copy that stood still (the guest under
+    emulation ran nothing of it for a while: stalls and the sampler's lateness are in the
+    table) at its limit while it moved."""
+    return all(BOUNDS[0] <= r['steady' if r['stalled'] else 'ratio'] <= BOUNDS[1]
+               for r in rows)
 
 
 @pytest.fixture(scope='module')
@@ -652,7 +657,7 @@ def test_tenant_retype_with_metadata_change_mid_copy(cloud):
                        'io.max at %d' % limit, timeout=5, every=0.05)
         windows.append((called, time.monotonic(), limit))
         if limit == LOW:
-            time.sleep(20)  # ~80 MiB at the lowered rate
+            time.sleep(30)  # ~120 MiB at the lowered rate
     done = cloud.wait_for(
         lambda: (lambda v: v if v['volume_type'] == 'lvm-2' and v['status'] == 'available'
                  and v.get('migration_status') == 'success' else None)(
