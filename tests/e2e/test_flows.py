@@ -24,11 +24,11 @@ reader; Cinder answers 404 to a tenant without reader). An admin migrates; a ten
 creates, retypes, clones, changes metadata and deletes: Cinder tells a tenant's retype
 from an admin's migration by the request's context, and so does the throttle.
 
-Not covered: upload-to-image and create-from-image need Glance (an image service API and
-its store); the lane has neither, and a stand-in would test the stand-in, not Cinder.
-The image copies themselves (``copy_image_to_volume``/``copy_volume_to_image``, qemu-img
-convert) are exercised through Cinder's ``image_utils`` in the host lane
-(tests/functional/test_cinder_copy.py).
+Not covered: upload-to-image and create-from-image. Both go through Glance (Cinder asks
+Glance's API for the image and streams it from or to Glance's store); the lane has neither
+Keystone nor Glance, and a stand-in would test the stand-in, not Cinder. The throttled step
+of those flows, Cinder's ``image_utils.convert_image`` (qemu-img convert), runs in the host
+lane (tests/functional/test_cinder_copy.py).
 """
 from __future__ import annotations
 
