@@ -57,7 +57,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.kernel, pytest.mark.cinder]
 MiB, GiB = 1 << 20, 1 << 30
 RATE = 8 * MiB  # the operator's volume_copy_bps_limit
 CLEAR_MIB = 64  # volume_clear_size: the wipe of a deleted volume
-LOW = 4 * MiB  # the tenant's metadata limit mid-retype
+LOW, LOW_TEXT = 4 * MiB, '4Mi'  # the tenant's metadata limit mid-retype
 BOUNDS = (0.99, 1.01)  # slope / limit
 PORT = 18776
 HOST = 'cct-vm'
@@ -520,7 +520,7 @@ def check_copies(cloud: Cloud, flow: str, t0: float, mark: int,
     leaves = cloud.probe.leaves_since(t0)
     assert len(leaves) == len(expected), (leaves, expected)
     rows = [measure(cloud, flow, leaf, kind, n, dd=c)
-              for leaf, (kind, n), c in zip(leaves, expected, copies)]
+            for leaf, (kind, n), c in zip(leaves, expected, copies)]
     cloud.wait_for(lambda: not cloud.leftovers(), 'the copies\' leaves and registry entries '
                    'to go', timeout=60)
     return rows
@@ -647,7 +647,7 @@ def test_tenant_retype_with_metadata_change_mid_copy(cloud):
     windows = []
     for change, limit in (
             (lambda: cloud.api('POST', '/volumes/%s/metadata' % vol['id'],
-                               {'metadata': {'volume_copy_bps_limit': '4Mi'}},
+                               {'metadata': {'volume_copy_bps_limit': LOW_TEXT}},
                                user=TENANT), LOW),
             (lambda: cloud.api('DELETE', '/volumes/%s/metadata/volume_copy_bps_limit'
                                % vol['id'], user=TENANT), RATE)):
@@ -665,14 +665,14 @@ def test_tenant_retype_with_metadata_change_mid_copy(cloud):
     assert done['os-vol-host-attr:host'] == '%s@lvm-2#lvm-2' % HOST
     assert md5_of(cloud.lv_path(done)) == digest
     rows = check_copies(cloud, 'retype (tenant, on-demand)', t0, mark,
-                          [('data', GiB), ('wipe', CLEAR_MIB * MiB)])
+                        [('data', GiB), ('wipe', CLEAR_MIB * MiB)])
     # check_copies measured 10-90 % over the changes: replace that figure by the parts.
     RESULTS.pop(-2)
     steps = cloud.probe.written(leaf)[1]
     first = min(t for t, b in steps if b >= GiB // 10)
     lowered, restored = windows
     rows[0] = measure(cloud, 'retype (tenant, on-demand)', leaf, 'data', GiB,
-                        window=(first, lowered[0]))
+                      window=(first, lowered[0]))
     delays = []
     for (called, seen, limit), end in ((lowered, restored[0]),
                                        (restored, max(t for t, b in steps
@@ -680,7 +680,7 @@ def test_tenant_retype_with_metadata_change_mid_copy(cloud):
         delays.append(seen - called)
         rows.append(measure(
             cloud, 'tenant metadata %s mid-retype (io.max after %.1f s)'
-            % ('4Mi' if limit == LOW else 'removed', seen - called),
+            % (LOW_TEXT if limit == LOW else 'removed', seen - called),
             leaf, 'data', GiB, limit=limit, window=(seen + 1, end)))
     NOTES.append('tenant metadata changes in the leaf\'s io.max %s s after the API call'
                  % ' and '.join('%.2f' % d for d in delays))
