@@ -4,22 +4,23 @@
 # Idempotent and cached in $CCT_VM_DIR (default: <repo>/.vm, git-ignored); a second run
 # that finds everything in place only checks and returns. As root:
 #   * apt: qemu-system-x86 busybox-static xz-utils dmsetup systemd (--systemd mode boots the
-#     host's systemd), only the missing ones;
+#     host's systemd) lvm2 (the e2e suite's volume groups), only the missing ones;
 #   * `apt-get download` of the kernel package linux-image-amd64 depends on, unpacked into
 #     .vm/kernel (never installed: the host keeps its own kernel and /lib/modules);
 #   * .vm/vmlinux: the uncompressed ELF inside vmlinuz; QEMU boots it through its PVH entry,
 #     which saves the ~3.5 s the in-guest xz decompression costs under TCG;
 #   * .vm/initramfs.cpio.gz: busybox-static, guest-init.sh as /init, and the modules /init
 #     needs before the host's root is reachable (Debian builds virtio, 9p, overlay, loop and
-#     dm-mod as modules).
+#     dm-mod as modules), and dm-snapshot: LVM snapshots (Cinder's LVM clones) need it, and
+#     LVM cannot load it on demand (it runs the host's modprobe, and the host has no kmod).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 VM_DIR=${CCT_VM_DIR:-$REPO/.vm}
-PACKAGES="qemu-system-x86 busybox-static xz-utils dmsetup systemd"
+PACKAGES="qemu-system-x86 busybox-static xz-utils dmsetup systemd lvm2"
 # Loaded by /init, in this order; their dependencies come from modules.dep.
-MODULES="virtio_pci virtio_console virtio-rng 9pnet_virtio 9p overlay loop dm-mod"
+MODULES="virtio_pci virtio_console virtio-rng 9pnet_virtio 9p overlay loop dm-mod dm-snapshot"
 
 die() { echo "tools/vm/setup.sh: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root"
