@@ -160,7 +160,9 @@ class StateDir:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise ForeignFile(self.path, name, 'not a regular file')
-            if st.st_nlink != 1:
+            # 0 links: a writer renamed a newer version over it after we opened it; what
+            # we hold is the previous complete version, with no other name anywhere.
+            if st.st_nlink > 1:
                 raise ForeignFile(self.path, name, 'has %d hard links' % st.st_nlink)
             chunks, size = [], 0
             while size <= MAX_BYTES:

@@ -115,6 +115,28 @@ def test_only_our_names_are_used(state):
     assert os.listdir(state) == []
 
 
+def test_a_version_replaced_while_read_is_not_foreign(state):
+    """A writer renames a newer version over the file between the reader's open and its
+    fstat (the wrapper rewrites its state every few ms): the reader holds the previous,
+    complete version, now without a name (0 links), and reads it."""
+    sd = StateDir(str(state))
+    sd.write_json(ID + '.json', {'v': 1})
+    real_fstat, replaced = os.fstat, []
+
+    def replace_then_fstat(fd):  # the writer's move, at the worst moment
+        if not replaced and stat.S_ISREG(real_fstat(fd).st_mode):
+            replaced.append(True)
+            sd.write_json(ID + '.json', {'v': 2})
+        return real_fstat(fd)
+
+    os.fstat = replace_then_fstat
+    try:
+        assert sd.read_json(ID + '.json') == {'v': 1}
+    finally:
+        os.fstat = real_fstat
+    assert replaced and sd.read_json(ID + '.json') == {'v': 2}
+
+
 def test_writes_replace_links_never_follow_them(state, tmp_path):
     secret = tmp_path / 'secret'
     secret.write_text('s')
