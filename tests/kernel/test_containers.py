@@ -60,16 +60,20 @@ def in_namespace(container: str, script: str) -> subprocess.Popen:
          script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def check_and_copy(container: str, src: str, dst: str,
+                   check_may_fail: bool = False) -> subprocess.Popen:
+    """A process in the namespace root (the container's init), the namespace's own cgroup2,
+    then check and a copy, as `docker exec` runs them."""
+    return in_namespace(container, 'sleep 600 >/dev/null 2>&1 & '
+                        'umount /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup && '
+                        '%s check %s exec %s copy %s %s --limit %d --size %d'
+                        % (CLI, ';' if check_may_fail else '&&', CLI, src, dst, RATE, SIZE))
+
+
 def test_private_cgroupns_moves_its_processes_into_a_leaf(scratch, container):
     src, dst = scratch.loop(40), scratch.loop(40)
     digest = fill_random(src, SIZE)
-    # A process in the namespace root (the container's init), the namespace's own cgroup2,
-    # then check and a copy, as `docker exec` runs them.
-    proc = in_namespace(container, 'sleep 600 >/dev/null 2>&1 & '
-                        'umount /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup && '
-                        '%s check && '
-                        'exec %s copy %s %s --limit %d --size %d'
-                        % (CLI, CLI, src, dst, RATE, SIZE))
+    proc = check_and_copy(container, src, dst)
     copies = os.path.join(container, 'cinder-volume-copy')
     busy = []
     deadline = time.monotonic() + 300
@@ -134,11 +138,7 @@ def test_failed_move_out_of_the_namespace_root_is_one_clear_reason(scratch, cont
     assert read(os.path.join(container, 'main', 'cgroup.type')).strip() == 'domain invalid'
     src, dst = scratch.loop(40), scratch.loop(40)
     digest = fill_random(src, SIZE)
-    proc = in_namespace(container, 'sleep 600 >/dev/null 2>&1 & '
-                        'umount /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup && '
-                        '%s check; echo "check exit $?"; '
-                        'exec %s copy %s %s --limit %d --size %d'
-                        % (CLI, CLI, src, dst, RATE, SIZE))
+    proc = check_and_copy(container, src, dst, check_may_fail=True)
     out, err = proc.communicate(timeout=300)
     print(out, err)
     reason = 'must move to /sys/fs/cgroup/main first, which failed: '
