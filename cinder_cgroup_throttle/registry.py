@@ -7,6 +7,7 @@ start time let a cleanup tell an entry whose owner died from one whose pid was r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -50,6 +51,16 @@ def process_alive(pid: int, started_by: Optional[float]) -> bool:
     return started_by is None or created <= started_by + 1.0  # create_time's resolution
 
 
+@functools.lru_cache(maxsize=256)
+def _kernel_name(majmin: str) -> str:
+    """A disk's kernel name, for messages (the number is what counts). Cached: every
+    start, re-limit and re-balance asks again for the same few disks."""
+    try:
+        return os.path.basename(os.readlink('/sys/dev/block/' + majmin))
+    except OSError:
+        return majmin
+
+
 @dataclasses.dataclass
 class Entry:
     """The one record of a running copy: what every process (its owner included) knows
@@ -81,11 +92,7 @@ class Entry:
             if not majmin:
                 return None
             major, minor = (int(n) for n in majmin.split(':'))
-            try:  # its kernel name, for messages; the number is what counts
-                name = os.path.basename(os.readlink('/sys/dev/block/' + majmin))
-            except OSError:
-                name = majmin
-            return BlockDevice(major, minor, name, via_file=via_file)
+            return BlockDevice(major, minor, _kernel_name(majmin), via_file=via_file)
         return (device(self.src_dev, self.src_via_file),
                 device(self.dst_dev, self.dst_via_file))
 
