@@ -8,26 +8,25 @@ Cinder appends its own argv to the throttle prefix, so the wrapper is exec-style
         [oflag=direct] [conv=fdatasync|sparse|fdatasync,sparse]
     cinder-cgroup-throttle-pipe ... -- qemu-img convert ...
 
-A dd becomes ``[ionice] pv -q -L BPS -s R -S < S | [ionice] dd of=D count=N
-iflag=count_bytes,fullblock ...``: pv reads the source itself (one process and one pipe
-fewer than a reader dd; it splices, so no byte crosses user space before the writer), the
-writer dd keeps Cinder's ``oflag=direct``/``conv=`` (``fullblock`` so that ``count=`` and
-O_DIRECT survive short pipe reads). The source is opened without O_DIRECT (splice refuses
-it) and its pages are dropped (POSIX_FADV_DONTNEED) behind the writer, so the copy does not
-fill the page cache. ``qemu-img convert`` gets its own limiter, ``-r BPS``. Anything else
-is refused.
+A dd becomes pv pacing tokens and our copier doing the dd (:mod:`copier`, a thread of this
+process): ``pv -q -L BPS/512 -s T -S < /dev/zero`` writes one byte per 512 bytes the copy
+may move into a pipe, and the copier copies a block (dd's ``bs=``) from the source to the
+destination whenever the tokens allow one, with Cinder's ``iflag=direct``, ``oflag=direct``
+and ``conv=``. No byte of the copy passes through a pipe, so the fallback costs about what
+the dd it replaces costs (a data pipe costs a copy of every byte: doc/benchmark.md).
+``qemu-img convert`` gets its own limiter, ``-r BPS``. Anything else is refused. A
+command's ``ionice`` is applied to this process, so to pv and the copier.
 
 Pacing is exact from the wrapper's own start, not from pv's: the bytes due for the time
-before pv runs (the wrapper's start-up) go straight into the pipe first (the head start);
+before pv runs (the wrapper's start-up) are the copier's without tokens (the head start);
 pv then gets the rest, sized to its 0.1 s credit grid, and is started so that its last
 credit falls on the copy's deadline. pv 1.6 takes a credit only when its loop wakes (every
 90 ms when idle), so the wrapper wakes it with SIGWINCH right after each grid point.
 
-Nothing is hidden as a shell pipeline would (a missing source "succeeds" with nothing
-copied, ENOSPC leaves pv exiting 0): every stage is a child of this process, waited for
-through pidfds; the copy fails with the stderr of the most downstream failed stage (those
-upstream only see a broken pipe), and succeeds only if the writer dd reports min(count,
-source size) bytes.
+Nothing is hidden as a shell pipeline would: pv is a child of this process, waited for
+through a pidfd; the copy fails with the copier's error first (pv then only sees a broken
+pipe), then pv's (the copier then sees its tokens end), and succeeds only if the copier
+wrote min(count, source size) bytes.
 
 Runs as root under rootwrap while its caller (cinder-volume) may not be root, so it:
 
@@ -44,6 +43,8 @@ is part of every copy's CPU and time.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import math
 import os
 import re
@@ -51,15 +52,16 @@ import select
 import signal
 import stat
 import sys
+import threading
 import time
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from cinder_cgroup_throttle import ddstats
 from cinder_cgroup_throttle.statefiles import COPY_ID, ForeignFile, StateDir
+from cinder_cgroup_throttle.copier import UNIT, Copier, tokens
 
 USAGE = ('usage: cinder-cgroup-throttle-pipe --id ID --rate BYTES_PER_SECOND '
          '--state-dir DIR -- [ionice -cN [-nN]] dd OPERAND... | qemu-img convert ARG...')
-POLL = 0.2  # seconds between progress updates / rate-request checks
+POLL = 0.5  # seconds between progress updates / rate-request checks
 #: pv 1.6 adds rate/10 to its budget every 0.1 s of its clock (RATE_GRANULARITY), the
 #: first at its start; it takes a credit only when its loop wakes (every 90 ms when idle).
 GRID = 0.1
@@ -68,13 +70,11 @@ GRID = 0.1
 #: wakes its loop; without them its last credit waits for its next 90 ms wake-up.
 FINAL_KICKS = tuple(0.001 + 0.002 * n for n in range(50))
 #: From our start of pv to its last credit beyond the grid, and from that credit to the
-#: wrapper's exit (the writer's last write, its exit, ours): measured, see doc/benchmark.md.
+#: wrapper's exit (the copier's last block, our exit): measured, see doc/benchmark.md.
 PV_LAG = 0.002
 TAIL = 0.003
 #: Head start beyond the time already spent: sending it and starting pv take this long.
 HEAD_MARGIN = 0.003
-PIPE_SIZE = 1 << 20  # pv -> writer dd: fewer wake-ups than the 64 KiB default
-_F_SETPIPE_SZ = 1031
 _PR_SET_PDEATHSIG = 1
 
 _DD_FLAGS = {'iflag': {'count_bytes', 'direct'}, 'oflag': {'direct'},
@@ -147,13 +147,33 @@ def parse_dd(argv: List[str]) -> Dict[str, str]:
 
 
 class Plan(NamedTuple):
-    """What runs for one command: pv from ``source`` into ``argv`` (dd), or ``argv`` alone
-    (qemu-img, which limits itself)."""
+    """What runs for one command: pv pacing our copier (a dd's operands), or ``argv``
+    alone (qemu-img, which limits itself)."""
     tool: str  # 'dd' or 'qemu-img'
-    argv: List[str]  # the writer dd, or qemu-img convert -r RATE ...
+    argv: List[str]  # qemu-img convert -r RATE ...; the dd as Cinder gave it
     ionice: List[str]
     source: Optional[str] = None
     byte_count: Optional[int] = None  # dd's count= (always with iflag=count_bytes)
+    dest: Optional[str] = None
+    block: int = 0  # dd's bs=: the unit conv=sparse skips
+    direct_in: bool = False  # iflag=direct
+    direct: bool = False  # oflag=direct
+    sparse: bool = False
+    fdatasync: bool = False
+
+
+#: dd's size suffixes (GNU coreutils: c, w, b, kB/KB=1000, K/KiB=1024, ...).
+_DD_UNITS = dict({'': 1, 'c': 1, 'w': 2, 'b': 512, 'kB': 1000, 'KB': 1000, 'k': 1024},
+                 **{p + s: (1000 if s == 'B' else 1024) ** (n + 1)
+                    for n, p in enumerate('KMGTPE') for s in ('', 'iB', 'B')})
+
+
+def dd_size(text: str) -> int:
+    """A dd size operand (``1M``, ``4096``, ``64KiB``) in bytes; Refused otherwise."""
+    found = re.match(r'^([0-9]{1,12})([A-Za-z]{0,3})\Z', text)
+    if not found or found.group(2) not in _DD_UNITS or not int(found.group(1)):
+        raise Refused('dd bs=%s is not a size dd accepts (e.g. 1M, 4096)' % text)
+    return int(found.group(1)) * _DD_UNITS[found.group(2)]
 
 
 def plan(command: List[str], rate: int) -> Plan:
@@ -161,12 +181,12 @@ def plan(command: List[str], rate: int) -> Plan:
     ionice, rest = split_ionice(command)
     if rest[:1] == ['dd']:
         ops = parse_dd(rest)
-        count = ['count=' + ops['count'], 'iflag=count_bytes,fullblock'] \
-            if 'count' in ops else ['iflag=fullblock']
-        writer = ionice + ['dd', 'of=' + ops['of'], 'bs=' + ops['bs']] + count
-        writer += ['%s=%s' % (key, ops[key]) for key in ('oflag', 'conv') if key in ops]
-        return Plan('dd', writer, ionice, ops['if'],
-                    int(ops['count']) if 'count' in ops else None)
+        conv = ops.get('conv', '').split(',')
+        return Plan('dd', rest, ionice, ops['if'],
+                    int(ops['count']) if 'count' in ops else None, ops['of'],
+                    dd_size(ops['bs']), 'direct' in ops.get('iflag', '').split(','),
+                    ops.get('oflag') == 'direct', 'sparse' in conv,
+                    'fdatasync' in conv)
     if rest[:2] == ['qemu-img', 'convert'] and not ionice:
         if any(a.startswith('-r') for a in rest[2:]):
             raise Refused('qemu-img convert already has a rate limit (-r)')
@@ -445,14 +465,15 @@ class Pipeline:
         self.started = time.time()
         self.rate_error: Optional[str] = None
         self.bytes: Optional[int] = None  # last known progress (a finished stage has none)
-        self.expected: Optional[int] = None  # bytes the writer must report
+        self.expected: Optional[int] = None  # bytes the copier must write
         self.source_size: Optional[int] = None
         self._request_mtime: Optional[float] = None
         self._source: Optional[int] = None
-        self._dropped = 0  # the source's pages before this offset were dropped
         self._last_credit: Optional[float] = None  # when pv's last credit is due
         self.pv: Optional[Stage] = None
-        self.stages: List[Stage] = []
+        self.stages: List[Stage] = []  # child processes: pv, or qemu-img
+        self.copier: Optional[Copier] = None  # a dd's copy, and its thread
+        self._copying: Optional[threading.Thread] = None
 
     # -- starting ---------------------------------------------------------------------
     def start(self, t0: float) -> None:
@@ -462,32 +483,38 @@ class Pipeline:
             self.stages = [Stage('qemu-img', self.plan.argv)]
             self.stages[0].spawn(0, 1)
             return
-        self._source = src = os.open(self.plan.source,  # type: ignore[arg-type]
-                                     os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        if self.plan.ionice:  # ours, so the copier's (a thread) and pv's: they inherit it
+            self._run_to_end(Stage('ionice', self.plan.ionice + ['-p', str(os.getpid())]))
+        try:
+            self._source = src = os.open(self.plan.source, os.O_RDONLY | os.O_CLOEXEC  # type: ignore[arg-type]
+                                         | os.O_NOCTTY | (os.O_DIRECT if self.plan.direct_in else 0))
+        except OSError as exc:
+            raise OSError(exc.errno, 'cannot open %s for reading: %s'
+                          % (self.plan.source, os.strerror(exc.errno))) from None
         self.source_size = _source_size(src)
         sizes = [s for s in (self.plan.byte_count, self.source_size) if s is not None]
         self.expected = min(sizes) if sizes else None
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size for non-root
-            import fcntl
-            fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
         try:
-            writer = Stage('writer dd', self.plan.argv)
-            self.stages.append(writer)
-            writer.spawn(read_end, 1)
-            os.close(read_end)
-            read_end = -1
-            pv_bytes, credits = self._head_start(t0, write_end)
-            if pv_bytes:
-                self.pv = Stage('pv', self.plan.ionice + [
-                    'pv', '-q', '-L', str(self.rate)] + (
-                    ['-s', str(pv_bytes), '-S'] if pv_bytes > 0 else []))
-                self.stages.insert(0, self.pv)
+            self.copier = Copier(read_end, src, self.plan.dest,  # type: ignore[arg-type]
+                                 self.expected, self.plan.block, self.plan.direct,
+                                 self.plan.sparse, self.plan.fdatasync)
+            read_end = -1  # the copier's: it closes it when it ends
+            self.copier.open()
+            pv_tokens, credits = self._head_start(t0)
+            self._copying = threading.Thread(target=self.copier.run, name='copier',
+                                             daemon=True)
+            self._copying.start()
+            if pv_tokens:
+                self.pv = Stage('pv', ['pv', '-q', '-L', str(self._pv_rate(self.rate))] + (
+                    ['-s', str(pv_tokens), '-S'] if pv_tokens > 0 else []))
+                self.stages.append(self.pv)
                 if credits:  # start pv so that its last credit falls on the deadline
                     last_credit = self._deadline(t0) - PV_LAG
-                    self._sleep_until(last_credit - (credits - 1) * GRID, writer)
-                if writer.running:
-                    self.pv.spawn(src, write_end)
+                    self._copying.join(last_credit - (credits - 1) * GRID - time.monotonic())
+                if self._copying.is_alive():  # else it failed (a full disk): nothing to do
+                    with open('/dev/zero', 'rb') as zero:
+                        self.pv.spawn(zero.fileno(), write_end)
                     if credits:
                         self._last_credit = time.monotonic() + (credits - 1) * GRID
         finally:
@@ -495,45 +522,42 @@ class Pipeline:
                 if fd >= 0:
                     os.close(fd)
 
-    def _head_start(self, t0: float, pipe: int) -> Tuple[int, int]:
-        """Send the bytes due since ``t0`` into the pipe ourselves; return (bytes left for
-        pv, -1 for "up to the end of the source"; its credits, 0 when unplanned)."""
+    @staticmethod
+    def _pv_rate(rate: int) -> int:
+        """pv's rate in tokens/s for ``rate`` bytes/s."""
+        return max(1, round(rate / UNIT))
+
+    @staticmethod
+    def _run_to_end(stage: Stage) -> None:
+        stage.spawn(0, 1)
+        _, status = os.waitpid(stage.pid, 0)  # type: ignore[arg-type]
+        os.close(stage.pidfd)  # type: ignore[arg-type]
+        stage.returncode = os.waitstatus_to_exitcode(status)
+        if stage.returncode:
+            raise OSError(errno.EINVAL, stage.describe_failure())
+
+    def _head_start(self, t0: float) -> Tuple[int, int]:
+        """Grant the copier the bytes due since ``t0``; return (tokens left for pv, -1
+        for "up to the end of the source"; its credits, 0 when unplanned)."""
         if self.expected is None:  # no size known: pv paces from its own start
             return -1, 0
         left = self._deadline(t0) - PV_LAG - HEAD_MARGIN - time.monotonic()
-        pv_bytes, credits = pv_share(self.expected, self.rate, left)
-        head = self.expected - pv_bytes
-        while head > 0:
-            try:
-                sent = os.sendfile(pipe, self._source, None, head)  # type: ignore[arg-type]
-            except BrokenPipeError:  # the writer died: its status says why
-                return 0, 0
-            if not sent:  # the source is shorter than its size said
-                break
-            head -= sent
-        return pv_bytes, credits
+        total = tokens(self.expected)
+        pv_tokens, credits = pv_share(total, self._pv_rate(self.rate), left)
+        self.copier.granted = (total - pv_tokens) * UNIT  # type: ignore[union-attr]
+        return pv_tokens, credits
 
     def _deadline(self, t0: float) -> float:
         """When pv must have sent its last byte for the copy to take size/rate from t0."""
         return t0 + self.expected / self.rate - TAIL  # type: ignore[operator]
 
-    def _sleep_until(self, when: float, writer: Stage) -> None:
-        """Wait for ``when``, or for the writer to end (a failed open, a full disk)."""
-        delay = when - time.monotonic()
-        if delay > 0 and writer.pidfd is not None:
-            poller = select.poll()
-            poller.register(writer.pidfd, select.POLLIN)
-            if poller.poll(math.ceil(delay * 1000)):
-                writer.reap()
-
     # -- running ----------------------------------------------------------------------
     def state(self) -> dict:
         """What pipe.json holds; reads /proc/PID/io, so call it with our own rights."""
-        last = self.stages[-1] if self.stages else None
-        if last is not None and last.running:
-            # The writer dd's write(2)s (pv splices, which wchar misses); qemu-img's reads.
-            progress = _proc_io(last.pid, 'wchar' if self.plan.tool == 'dd'  # type: ignore
-                                else 'rchar')
+        if self.copier is not None:
+            self.bytes = self.copier.done
+        elif self.stages and self.stages[0].running:  # qemu-img: what it read
+            progress = _proc_io(self.stages[0].pid, 'rchar')  # type: ignore[arg-type]
             if progress is not None:
                 self.bytes = progress
         return {
@@ -555,11 +579,6 @@ class Pipeline:
         state = self.state()
         with as_caller():
             self.files.write_json(_pipe_name(self.copy_id), state)
-        if self._source is not None and self.bytes and self.bytes > self._dropped:
-            # Written out: not needed in memory any more.
-            os.posix_fadvise(self._source, self._dropped, self.bytes - self._dropped,
-                             os.POSIX_FADV_DONTNEED)
-            self._dropped = self.bytes
 
     def apply_rate_request(self, running: bool = True) -> None:
         """Take a new rate from ``<id>.rate``: at start as our rate, later through pv -R."""
@@ -586,7 +605,7 @@ class Pipeline:
             self.rate_error = 'this copy cannot change its rate'
             return
         import subprocess  # only here: a re-limit is rare, every copy starts
-        proc = subprocess.run(['pv', '-R', str(self.pv.pid), '-L', str(wanted)],
+        proc = subprocess.run(['pv', '-R', str(self.pv.pid), '-L', str(self._pv_rate(wanted))],
                               capture_output=True, text=True)
         if proc.returncode:
             self.rate_error = 'pv -R failed: %s' % proc.stderr.strip()
@@ -594,18 +613,22 @@ class Pipeline:
             self.rate, self.rate_error = wanted, None
 
     def wait(self) -> None:
-        """Until every stage ended: publish, apply rate requests, wake pv for its last
-        credit (:data:`FINAL_KICKS`)."""
+        """Until the copy ended (the copier, or qemu-img): publish, apply rate requests,
+        wake pv for its last credit (:data:`FINAL_KICKS`). pv, once the copier no longer
+        needs it (it ended, or failed), is stopped."""
         poller = select.poll()
-        by_fd = {}
+        by_fd: Dict[int, Optional[Stage]] = {}
         for stage in self.stages:
             if stage.running:
                 poller.register(stage.pidfd, select.POLLIN)  # type: ignore[arg-type]
-                by_fd[stage.pidfd] = stage
+                by_fd[stage.pidfd] = stage  # type: ignore[index]
+        if self.copier is not None:
+            poller.register(self.copier.ended, select.POLLIN)
+            by_fd[self.copier.ended] = None
         kicks = [self._last_credit + k for k in FINAL_KICKS] if self._last_credit else []
         planned_rate = self.rate
         next_publish = time.monotonic()
-        while by_fd:
+        while by_fd and (self.copier is None or self.copier.ended in by_fd):
             now = time.monotonic()
             if now >= next_publish:
                 self.apply_rate_request()
@@ -621,41 +644,44 @@ class Pipeline:
             timeout = max(0.0, wake - time.monotonic())
             for fd, _ in poller.poll(math.ceil(timeout * 1000)):
                 stage = by_fd[fd]
-                stage.reap()
-                if not stage.running:
-                    poller.unregister(fd)
-                    del by_fd[fd]
+                if stage is not None:
+                    stage.reap()
+                    if stage.running:
+                        continue
+                poller.unregister(fd)
+                del by_fd[fd]
+        if self._copying is not None:
+            self._copying.join()
+            if self.pv is not None and (self.pv.running  # no token left to wait for
+                                        or self.pv.returncode == -signal.SIGPIPE):
+                self.pv.kill()  # ended by us, or by the copier closing its end: not a failure
+                self.pv.returncode = 0
 
     def kill(self) -> None:
         for stage in self.stages:
             stage.kill()
 
     def failure(self) -> Optional[str]:
-        """Why the copy failed, or None. Blames the most downstream failed stage: when a
-        stage dies, those before it only see a broken pipe and those after it see EOF;
-        then checks that the writer wrote every byte it had to."""
-        failed = [s for s in self.stages if s.returncode]
-        if failed:
-            lines = [s.describe_failure() for s in reversed(failed)]
+        """Why the copy failed, or None. Blames the copier first (pv then only sees a
+        broken pipe), then pv (the copier then sees the end of its tokens); then checks
+        that every byte was copied."""
+        lines = [s.describe_failure() for s in reversed(self.stages) if s.returncode]
+        if self.copier is not None and self.copier.error is not None:
+            lines.insert(0, 'copying %s to %s: %s' % (self.plan.source, self.plan.dest,
+                                                     self.copier.error.strerror))
+        if lines:
             return ('copy %s failed: %s' % (self.copy_id, lines[0])
                     + ''.join('\n  also: ' + line for line in lines[1:]))
-        if self.plan.tool != 'dd':
-            return None
-        writer = self.stages[-1]
-        report = ddstats.report(writer.error_text())
-        if report is None:
-            return ('copy %s failed: writer dd reported no byte count: %s'
-                    % (self.copy_id, writer.error_text() or 'no output'))
-        if self.expected is not None and report.bytes != self.expected:
-            return ('copy %s incomplete: writer dd wrote %d of %d bytes (count %s, source '
-                    '%s bytes)' % (self.copy_id, report.bytes, self.expected,
-                                   self.plan.byte_count, self.source_size))
+        if self.copier is not None and self.expected is not None \
+                and self.copier.done != self.expected:
+            return ('copy %s incomplete: wrote %d of %d bytes to %s (count %s, source '
+                    '%s bytes)' % (self.copy_id, self.copier.done, self.expected,
+                                   self.plan.dest, self.plan.byte_count, self.source_size))
         return None
 
     def close(self) -> None:
-        """Drop the source's pages (Cinder asked for O_DIRECT: no cache) and our state."""
+        """Close the source and remove our state."""
         if self._source is not None:
-            os.posix_fadvise(self._source, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(self._source)
             self._source = None
         with as_caller():
@@ -702,5 +728,6 @@ def run(argv: Sequence[str], t0: Optional[float] = None) -> int:
     if error:
         sys.stderr.write(error + '\n')
         return 1
-    sys.stderr.write(pipeline.stages[-1].error_text() + '\n')
+    sys.stderr.write((pipeline.copier.report() if pipeline.copier
+                      else pipeline.stages[-1].error_text()) + '\n')
     return 0

@@ -5,8 +5,8 @@ agent sees the same numbers as the process that runs the copy. Bytes done come f
 copy's backend (``CopyBackend.bytes_done``, rebuilt from the entry):
 
 * the pv fallback: the pipeline's state next to the registry entry (``<id>.pipe.json``),
-  where the pipeline publishes its writer dd's ``wchar`` (it can read its own children's
-  /proc entries, a non-root reader could not);
+  where the pipeline publishes the bytes its copier wrote (or qemu-img's ``rchar``,
+  from a /proc entry a non-root reader could not read);
 * the cgroup backend: the leaf's own counters (v1 ``blkio.throttle.io_service_bytes``, v2
   ``io.stat``) in the direction the limit is on (limits.py: writes to the destination
   device, else reads from the source device). They count what the throttle charged and

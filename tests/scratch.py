@@ -266,16 +266,6 @@ def leaf_bytes(path: str) -> Optional[Tuple[int, int]]:
     return sum(r for r, _ in found.values()), sum(w for _, w in found.values())
 
 
-def proc_wchar(pid: int) -> Optional[Tuple[int, int]]:
-    """(rchar, wchar) of a process from /proc/<pid>/io: what its read(2)/write(2) moved."""
-    try:
-        with open('/proc/%d/io' % pid) as f:
-            kv = dict(line.split(': ') for line in f.read().splitlines())
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return int(kv['rchar']), int(kv['wchar'])
-
-
 def slope(points: List[Tuple[float, int]]) -> float:
     """Least-squares bytes/s through (time, bytes) points."""
     n = len(points)
@@ -374,18 +364,24 @@ class LeafRateProbe(RateProbe):
         return found
 
 
-class ProcIoProbe(RateProbe):
-    """The wchar (``write=False``: rchar) of processes, keyed by the name given."""
+class FileSizeProbe(RateProbe):
+    """The bytes allocated to files being written (st_blocks: a copy of non-zero data
+    allocates it block by block, even where the file's size was set first, as qemu-img
+    sets a raw image's); a file not there yet is not sampled."""
 
-    def __init__(self, **kw) -> None:
+    def __init__(self, *paths: str, **kw) -> None:
         super().__init__(**kw)
-        self.pids: Dict[str, int] = {}
-
-    def watch(self, key: str, pid: int) -> None:
-        self.pids = dict(self.pids, **{key: pid})
+        self.paths = paths
 
     def counters(self) -> Dict[str, Optional[Tuple[int, int]]]:
-        return {key: proc_wchar(pid) for key, pid in self.pids.items()}
+        found: Dict[str, Optional[Tuple[int, int]]] = {}
+        for path in self.paths:
+            try:
+                size = os.stat(path).st_blocks * 512
+            except FileNotFoundError:
+                size = None
+            found[path] = None if size is None else (size, size)
+        return found
 
 
 class DeviceRateProbe(RateProbe):

@@ -51,8 +51,7 @@ class PvBackend(CopyBackend):
             raise ThrottleError('cannot re-limit copy %s: %s' % (entry.id, exc)) from exc
 
     def bytes_done(self, entry: Entry) -> Done:
-        """The pipeline publishes its writer dd's byte count (it can read its own /proc,
-        a non-root reader could not)."""
+        """The pipeline publishes its copier's byte count (every POLL seconds)."""
         try:
             done = (pipeline.read_pipe_state(self.state_dir, entry.id) or {}).get('bytes')
         except ThrottleError:  # a foreign pipe.json: no progress known

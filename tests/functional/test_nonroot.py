@@ -21,7 +21,7 @@ import pytest
 
 from cinder_cgroup_throttle.cgroups import get_driver
 from tests.functional.nonroot import BIN, user_python
-from tests.scratch import (LeafRateProbe, MiB, ProcIoProbe, cgroup_dirs, fill_random,
+from tests.scratch import (LeafRateProbe, MiB, FileSizeProbe, cgroup_dirs, fill_random,
                            leaf_device_bytes, leaf_write_limits, majmin, sha256_prefix,
                            slope)
 from tests.unit.test_rootwrap_filters import EXEC_DIRS
@@ -85,7 +85,7 @@ def test_copy_as_unprivileged_user_through_rootwrap(scratch, cgroup_parent, depl
     driver = get_driver(cgroup_parent)
     # A parent found in place (an operator made it) stays: the privsep daemon did not make it.
     os.makedirs(driver.parent_path, exist_ok=True)
-    leaf_probe, pipe_probe = LeafRateProbe(cgroup_parent), ProcIoProbe()
+    leaf_probe, pipe_probe = LeafRateProbe(cgroup_parent), FileSizeProbe(fdst)
     leaf_probe.__enter__()
     pipe_probe.__enter__()
     proc = run_as(user, conf, state, cgroup_parent, [[src, dst], [fsrc, fdst]])
@@ -104,8 +104,6 @@ def test_copy_as_unprivileged_user_through_rootwrap(scratch, cgroup_parent, depl
                 with open(path) as f:
                     pipe_state = json.load(f)
                 seen_pipe.append((os.stat(path).st_uid, pipe_state['bytes'] or 0))
-                if pipe_state['pids'].get('writer dd') and not pipe_probe.pids:
-                    pipe_probe.watch('writer dd', pipe_state['pids']['writer dd'])
         time.sleep(0.05)
     leaf_probe.__exit__()
     pipe_probe.__exit__()
@@ -127,11 +125,11 @@ def test_copy_as_unprivileged_user_through_rootwrap(scratch, cgroup_parent, depl
     copies = [(cmd, err) for cmd, err in result['ran'] if 'count=%d' % size in cmd]
     assert [cmd[0] for cmd, _ in copies] == ['cgexec', 'cinder-cgroup-throttle-pipe']
     # Rates from the kernel's counters, sampled here over 10-90 % of each copy: the leaf's
-    # bytes written (cgexec), the writer dd's wchar (pipeline); sudo and rootwrap start-up,
+    # bytes written (cgexec), the bytes allocated to the file (pipeline); sudo and rootwrap start-up,
     # slow on a loaded host, are not the throttle's doing.
     (leaf,) = leaf_probe.series
     measured = {'cgexec': leaf_probe.rate(leaf, total=size),
-                'cinder-cgroup-throttle-pipe': pipe_probe.rate('writer dd', total=size)}
+                'cinder-cgroup-throttle-pipe': pipe_probe.rate(fdst, total=size)}
     for cmd, err in copies:
         assert cmd[cmd.index('dd') - 2:cmd.index('dd')] == ['ionice', '-c2']
         copied = re.search(r'^(\d+) bytes .* copied', err, re.M)  # the writer's, for pv

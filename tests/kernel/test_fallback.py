@@ -24,18 +24,20 @@ from cinder_cgroup_throttle.privileged import PIPE_COMMAND
 from cinder_cgroup_throttle.registry import Registry
 from cinder_cgroup_throttle.sharing import StaticLimits
 from tests.kernel.test_cgroup_copy import dd_argv
-from tests.scratch import MiB, ProcIoProbe, dd_seconds, fill_random, sha256_prefix, timed
+from tests.scratch import (MiB, DeviceRateProbe, FileSizeProbe, dd_seconds, fill_random,
+                           sha256_prefix, timed)
 
 pytestmark = pytest.mark.kernel
 
 RATE = 8 * MiB
-# pv's own rate limiting, measured from the writing stage's write(2)s over 10-90 % of a copy.
+# pv's own rate limiting, measured from the destination's bytes (a loop device's written
+# sectors, a file's size) over 10-90 % of a copy.
 LOW, HIGH = 0.97, 1.03
 GiB = 1024 * MiB
-#: CPU of a fallback copy against a bare dd's, loop -> loop: per byte (the writer dd's
-#: copy out of the pipe is most of it) and per copy (the wrapper's Python start-up),
-#: measured (see the test) and bound with a margin for noise.
-CPU_PER_BYTE = 6.0
+#: CPU of a fallback copy against a bare dd's, loop -> loop: per byte (the copier does
+#: what dd does; pv only passes tokens: measured 1.3x) and per copy (the wrapper's Python
+#: start-up), bound as the issue's goal (3x) with the fixed cost separate.
+CPU_PER_BYTE = 3.0
 CPU_FIXED = 0.08
 
 
@@ -85,18 +87,23 @@ def wait_for_state(state_dir, copy_id, key='pids', timeout=5.0):
     raise AssertionError('pipeline of %s published no %s in %s' % (copy_id, key, state_dir))
 
 
-def pipeline_copy(argv, state_dir, copy_id, size, stage='writer dd'):
+def probe_for(dst):
+    """The destination's own byte counter: sectors written to a block device, or the
+    bytes allocated to a file (on tmpfs: as they are written)."""
+    if os.path.realpath(dst).startswith('/dev/'):
+        return DeviceRateProbe(dst)
+    return FileSizeProbe(dst)
+
+
+def pipeline_copy(argv, state_dir, copy_id, size, dst):
     """Run a pv-fallback copy; returns (its stderr, achieved bytes/s): the slope of the
-    writing stage's wchar (/proc/<pid>/io) over 10-90 % of ``size``, sampled here."""
-    with ProcIoProbe() as probe:
+    destination's byte counter over 10-90 % of ``size``, sampled here."""
+    with probe_for(dst) as probe:
         proc = start(argv)
-        probe.watch(stage, wait_for_state(state_dir, copy_id)['pids'][stage])
         _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    # The copy ran in what the probe watched. Its last block may end with the
-    # process or leaf before the next sample; completeness is checked elsewhere.
-    assert probe.total(stage) >= 0.9 * size, probe.series
-    return err, probe.rate(stage, total=size)
+    assert probe.total(dst) >= 0.9 * size, probe.series
+    return err, probe.rate(dst, total=size)
 
 
 def test_tmpfs_file_to_tmpfs_file_falls_back_to_pv(scratch, auto_manager, state_dir):
@@ -109,14 +116,15 @@ def test_tmpfs_file_to_tmpfs_file_falls_back_to_pv(scratch, auto_manager, state_
         assert copy.prefix[0] == PIPE_COMMAND
         err, rate = pipeline_copy(dd_argv(copy.prefix, src, dst, size, '1M',
                                           iflag_direct=False, oflag_direct=False),
-                                  state_dir, copy.id, size)
+                                  state_dir, copy.id, size, dst)
     assert sha256_prefix(dst, size) == digest
     assert os.path.getsize(dst) == size
-    # The whole copy on the writer dd's own clock. The wrapper paces from its own start,
-    # before dd's: dd sees at most that start-up (0.03-0.1 s) more than the limit, never
-    # the ~0.1 s of pv's start lag less (0.97 before pacing from the first byte).
+    # The whole copy on the copier's clock (its dd-style report). The wrapper paces from
+    # its own start, before the copier's: it sees at most that start-up (0.03-0.1 s) more
+    # than the limit, never the ~0.1 s of pv's start lag less (0.97 before pacing from
+    # the first byte).
     clock = size / dd_seconds(err) / RATE
-    print('pv, tmpfs to tmpfs: achieved/limit %.3f (middle), %.4f (dd\'s clock)'
+    print('pv, tmpfs to tmpfs: achieved/limit %.3f (middle), %.4f (the copier\'s clock)'
           % (rate / RATE, clock))
     assert_rate(rate / RATE)
     assert 0.995 <= clock <= 1.04, clock
@@ -132,24 +140,24 @@ def test_forced_pv_between_loop_devices(scratch, pv_manager, state_dir, ionice):
         assert copy.backend == 'pv'
         argv = dd_argv(copy.prefix, src, dst, size, '1M')
         argv[len(copy.prefix):len(copy.prefix)] = ionice
-        probe = ProcIoProbe().__enter__()
+        probe = DeviceRateProbe(dst).__enter__()
         proc = start(argv)
         state = wait_for_state(state_dir, copy.id)
-        stages = state['pids']
-        probe.watch('writer dd', stages['writer dd'])
-        if ionice:  # pv reads the source, the writer dd writes: both under the I/O class
-            for name in ('pv', 'writer dd'):
-                out = subprocess.run(['ionice', '-p', str(stages[name])],
+        if ionice:  # the wrapper's class, so pv's and the copier thread's
+            want = 'idle' if ionice[1] == '-c3' else 'best-effort: prio 7'
+            wrapper = state['wrapper_pid']
+            for pid in [state['pids']['pv']] + [int(t) for t in os.listdir(
+                    '/proc/%d/task' % wrapper)]:
+                out = subprocess.run(['ionice', '-p', str(pid)],
                                      capture_output=True, text=True).stdout
-                want = 'idle' if ionice[1] == '-c3' else 'best-effort: prio 7'
-                assert want in out, '%s: %s' % (name, out)
+                assert want in out, '%s: %s' % (pid, out)
         mid = wait_for_state(state_dir, copy.id, key='bytes')
         assert 0 < mid['bytes'] < size and mid['total_bytes'] == size
         _, err = proc.communicate()
         probe.__exit__()
         assert proc.returncode == 0, err
     assert sha256_prefix(dst, size) == digest
-    ratio = probe.rate('writer dd', total=size) / RATE
+    ratio = probe.rate(dst, total=size) / RATE
     print('pv between loop devices %s: achieved/limit %.3f' % (ionice, ratio))
     assert_rate(ratio)
     assert pipeline.read_pipe_state(state_dir, copy.id) is None
@@ -159,9 +167,9 @@ def test_rate_change_reaches_running_pipeline(scratch, pv_manager, state_dir):
     src, dst = scratch.loop(72), scratch.loop(72)
     size = 64 * MiB
     digest = fill_random(src, size)
-    with pv_manager.copy(src, dst, 2 * MiB) as copy, ProcIoProbe() as probe:
+    with pv_manager.copy(src, dst, 2 * MiB) as copy, DeviceRateProbe(dst) as probe:
         proc = start(dd_argv(copy.prefix, src, dst, size, '1M'))
-        probe.watch('writer dd', wait_for_state(state_dir, copy.id)['pids']['writer dd'])
+        wait_for_state(state_dir, copy.id)
         time.sleep(3)
         before_end = time.monotonic()
         state = pipeline.request_rate(state_dir, copy.id, 16 * MiB)
@@ -170,9 +178,9 @@ def test_rate_change_reaches_running_pipeline(scratch, pv_manager, state_dir):
         _, err = proc.communicate()
         assert proc.returncode == 0, err
     assert sha256_prefix(dst, size) == digest
-    first = [t for t, b in probe.series['writer dd'] if b][0]  # its first block written
-    before = probe.window('writer dd', first, before_end)
-    after = probe.window('writer dd', after_start, probe.series['writer dd'][-1][0] - 0.2)
+    first = probe.series[dst][1][0]  # its first block written
+    before = probe.window(dst, first, before_end)
+    after = probe.window(dst, after_start, probe.series[dst][-1][0] - 0.2)
     print('pv re-limit 2 -> 16 MiB/s: achieved/limit %.3f -> %.3f'
           % (before / (2 * MiB), after / (16 * MiB)))
     assert_rate(before / (2 * MiB))
@@ -214,11 +222,11 @@ def test_full_destination_fails_the_copy(scratch, pv_manager):
             dd_argv(copy.prefix, src, dst, 12 * MiB, '1M', False, False) + ['conv=fdatasync'],
             capture_output=True, text=True)
     assert proc.returncode != 0, proc.stderr
-    assert 'writer dd' in proc.stderr and 'No space left on device' in proc.stderr
+    assert 'copying %s to %s' % (src, dst) in proc.stderr, proc.stderr
+    assert 'No space left on device' in proc.stderr
 
 
-@pytest.mark.parametrize('victim', ['pv', 'writer dd'])
-def test_killed_stage_fails_the_copy(scratch, pv_manager, state_dir, victim):
+def test_killed_pv_fails_the_copy(scratch, pv_manager, state_dir):
     src, dst = scratch.loop(48), scratch.loop(48)
     size = 32 * MiB
     fill_random(src, size)
@@ -226,10 +234,10 @@ def test_killed_stage_fails_the_copy(scratch, pv_manager, state_dir, victim):
         proc = start(dd_argv(copy.prefix, src, dst, size, '1M'))
         pids = wait_for_state(state_dir, copy.id)['pids']
         time.sleep(0.5)
-        os.kill(pids[victim], signal.SIGKILL)
+        os.kill(pids['pv'], signal.SIGKILL)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode != 0, err
-    assert '%s (' % victim in err and 'killed by SIGKILL' in err, err
+    assert 'pv (' in err and 'killed by SIGKILL' in err, err
     for pid in pids.values():  # no stage outlives the copy
         assert not os.path.exists('/proc/%d' % pid) or _zombie_or_gone(pid)
 
@@ -265,7 +273,7 @@ def test_qemu_img_convert_raw_to_raw_uses_its_own_limit(scratch, pv_manager, sta
     digest = fill_random(src, size)
     with pv_manager.copy(src, dst, RATE) as copy:
         _, rate = pipeline_copy(copy.prefix + ['qemu-img', 'convert', '-O', 'raw', '-f', 'raw',
-                                               src, dst], state_dir, copy.id, size, 'qemu-img')
+                                               src, dst], state_dir, copy.id, size, dst)
     assert sha256_prefix(dst, size) == digest
     print('qemu-img -r: achieved/limit %.3f' % (rate / RATE))
     assert_rate(rate / RATE)
@@ -320,7 +328,7 @@ def test_pv_enforces_the_lowest_bytes_limit(scratch, on_path, cgroup_parent, sta
     with mgr.copy(src, dst, bps) as copy:
         assert copy.prefix[copy.prefix.index('--rate') + 1] == str(expected)
         err, rate = pipeline_copy(dd_argv(copy.prefix, src, dst, size, '1M'), state_dir,
-                                  copy.id, size)
+                                  copy.id, size, dst)
     assert sha256_prefix(dst, size) == digest
     copied = re.search(r'^(\d+) bytes .* copied', err, re.M)  # passed through
     assert copied and int(copied.group(1)) == size, err
@@ -366,7 +374,7 @@ def test_unwritable_destination_fails_with_the_writers_error(scratch, pv_manager
         proc = subprocess.run(dd_argv(copy.prefix, src, dst, MiB, '1M', False, False),
                               capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr
-    assert 'writer dd (' in proc.stderr and 'No such file or directory' in proc.stderr
+    assert 'cannot open %s for writing: No such file or directory' % dst in proc.stderr
 
 
 def _resident_bytes(path: str) -> int:
@@ -377,7 +385,7 @@ def _resident_bytes(path: str) -> int:
 
 
 def test_source_pages_are_dropped_after_the_copy(scratch, pv_manager):
-    """Cinder reads with O_DIRECT (no cache); pv cannot, so the wrapper drops the pages."""
+    """Cinder reads with O_DIRECT (no cache), and so does the copier."""
     assert shutil.which('fincore'), 'fincore (util-linux) is not installed'
     ext4 = scratch.mkfs_mount(scratch.loop(48), 'ext4')
     src, dst = os.path.join(ext4, 'src'), os.path.join(scratch.tmpfs(32), 'dst')

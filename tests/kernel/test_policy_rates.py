@@ -7,7 +7,7 @@
   within 1 s.
 
 Rates are least-squares slopes of the kernel's byte counters, sampled by the test itself
-(tests/scratch.py: the copy's leaf cgroup in cgroupfs; the writer dd's /proc/<pid>/io for
+(tests/scratch.py: the copy's leaf cgroup in cgroupfs; the destination device's sectors for
 the pv fallback) over the middle of each copy or a window in it, so neither process
 start-up nor how busy the machine is counts; windows see >= 16 blocks.
 """
@@ -31,7 +31,7 @@ from cinder_cgroup_throttle.privileged import PIPE_COMMAND
 from cinder_cgroup_throttle.registry import Registry
 from cinder_cgroup_throttle.sharing import StaticLimits
 from tests.kernel.test_cgroup_copy import dd_argv
-from tests.scratch import (LeafRateProbe, MiB, ProcIoProbe, RateProbe, fill_random,
+from tests.scratch import (LeafRateProbe, MiB, DeviceRateProbe, RateProbe, fill_random,
                            sha256_prefix, timed)
 
 pytestmark = pytest.mark.kernel
@@ -307,20 +307,18 @@ def pv_on_path(monkeypatch):
 def test_relimit_mid_copy_pv_backend(scratch, make_throttle, state_dir, pv_on_path):
     throttle = make_throttle(backend='pv')
     volume = {'id': 'c0ffee00-0000-4000-8000-000000000002'}
-    with ProcIoProbe() as probe, \
-            running_copy(scratch, throttle, volume['id'], 160) as (proc, copy, dst):
+    with running_copy(scratch, throttle, volume['id'], 160) as (proc, copy, dst), \
+            DeviceRateProbe(dst) as probe:
         assert copy.backend == 'pv'
         wait_for(lambda: (pipeline.read_pipe_state(state_dir, copy.id) or {}).get('pids'),
                  'the pipeline')
-        # pv's output as the writer dd write(2)s it, from its /proc/<pid>/io.
-        probe.watch(copy.id, pipeline.read_pipe_state(state_dir, copy.id)['pids']['writer dd'])
         time.sleep(0.5)
-        before = window_rates(probe, 3.0)[copy.id]
+        before = window_rates(probe, 3.0)[dst]
         t0 = time.monotonic()
         entry = relimit.set_limit(volume['id'], 16 * MiB, Registry(state_dir))
         applied_in = time.monotonic() - t0  # returns once pv -R is done
         time.sleep(0.5)
-        after = window_rates(probe, 2.0)[copy.id]
+        after = window_rates(probe, 2.0)[dst]
         assert proc.poll() is None, 'the copy ended inside a window'
         relimit.set_limit(copy.id, 2**30, Registry(state_dir))  # finish it
     print('pv re-limit: %.2f -> (16Mi, applied in %.3f s) %.2f MiB/s'

@@ -13,14 +13,32 @@ from cinder_cgroup_throttle import ddstats, pipeline
 MiB = 1 << 20
 
 
-def test_dd_becomes_pv_reading_the_source_into_the_writer_dd():
+def test_dd_becomes_the_copier_with_cinders_flags():
     plan = pipeline.plan(['ionice', '-c2', '-n7', 'dd', 'if=/dev/a', 'of=/dev/b',
                           'count=4096', 'bs=1M', 'iflag=count_bytes,direct',
                           'oflag=direct', 'conv=fdatasync'], 8 * MiB)
     assert plan.tool == 'dd' and plan.source == '/dev/a' and plan.byte_count == 4096
-    assert plan.ionice == ['ionice', '-c2', '-n7']  # pv reads under the same class
-    assert plan.argv == ['ionice', '-c2', '-n7', 'dd', 'of=/dev/b', 'bs=1M', 'count=4096',
-                         'iflag=count_bytes,fullblock', 'oflag=direct', 'conv=fdatasync']
+    assert plan.ionice == ['ionice', '-c2', '-n7']  # the wrapper's class: pv and copier
+    assert (plan.dest, plan.block, plan.direct_in, plan.direct) == ('/dev/b', MiB, True, True)
+    assert (plan.sparse, plan.fdatasync) == (False, True)
+    plan = pipeline.plan(['dd', 'if=/a', 'of=/b', 'bs=64K', 'conv=sparse'], MiB)
+    assert (plan.byte_count, plan.block, plan.direct_in, plan.direct, plan.sparse,
+            plan.fdatasync) == (None, 65536, False, False, True, False)
+
+
+@pytest.mark.parametrize('text, size', [('1M', MiB), ('4096', 4096), ('64KiB', 65536),
+                                        ('1MB', 10**6), ('2b', 1024), ('4k', 4096)])
+def test_dd_sizes_as_dd_reads_them(text, size):
+    # The oracle: GNU dd itself, copying ``text`` bytes with bs=text count=1.
+    out = subprocess.run(['dd', 'if=/dev/zero', 'of=/dev/null', 'bs=' + text, 'count=1'],
+                         capture_output=True, text=True, env={'LC_ALL': 'C'}).stderr
+    assert ddstats.report(out).bytes == size == pipeline.dd_size(text)
+
+
+@pytest.mark.parametrize('text', ['', '0', '1X', '-1', '1.5M', '9' * 13])
+def test_bad_dd_sizes_are_refused(text):
+    with pytest.raises(pipeline.Refused, match='bs='):
+        pipeline.dd_size(text)
 
 
 def test_qemu_img_limits_itself():
