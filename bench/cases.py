@@ -38,7 +38,7 @@ class Config:
     # took 441 s at load 9 on 2 CPUs), so its at-once case is smaller unless asked.
     cinder_at_once: int = 16
     cpu_limit: int = 64 * MiB
-    cpu_sizes_mib: tuple = (16, 256)
+    cpu_sizes_mib: tuple = (256, 1024)  # 1 GiB: the smallest Cinder volume
     plot_seconds: float = 10.0
 
     @classmethod

@@ -3,8 +3,10 @@
 * accuracy: tmpfs file -> tmpfs file (no block device: the fallback's real case) for
   copies of 2, 4 and 10 s at the limit (``--quick``: 2 s); ratio = bytes / wall time from
   the copy command's spawn to its exit, so the wrapper's start-up counts against it;
-* CPU: loop -> loop at 64 MiB/s, 16 and 256 MiB (``--quick``: 16 and 64), bare dd, this
-  wrapper and the previous one interleaved, so that load from other work hits all alike.
+* CPU: loop -> loop at 64 MiB/s, 256 MiB and 1 GiB (the smallest Cinder volume;
+  ``--quick``: 16 and 64 MiB), bare dd unpaced and paced to the rate by a cgroup, this
+  wrapper and the previous one interleaved, so that load from other work hits all alike;
+  per size, and per byte and per copy from the two sizes.
 
 The previous wrapper is ``cinder_cgroup_throttle/pipeline.py`` at :data:`PREVIOUS` (reader
 dd | pv | writer dd, paced from pv's start), taken from git and run as a script with the
@@ -135,14 +137,17 @@ def _fresh(path: str) -> str:
 
 def _cpu(cfg: Any, scratch: Scratch, con: Any) -> List[Row]:
     """CPU (user + system of the copy command and all it waited for) per GiB, two sizes:
-    the slope is the per-byte cost, the intercept the fixed cost per copy."""
+    the slope is the per-byte cost, the intercept the fixed cost per copy. Beside bare
+    dd, unpaced (``none``) and paced to the same rate by the kernel (``paced``: our cgroup
+    backend, which adds nothing to dd but its leaf), since pacing alone costs CPU."""
     from cases import error_row, log
     small, big = cfg.cpu_sizes_mib
     src, dst = scratch.loop(big + 8), scratch.loop(big + 8)
     digest = fill_random(src, big * MiB)
     digests = {big: digest, small: sha256_prefix(src, small * MiB)}
-    contenders = [('none', con.none())] + _contenders(cfg, con, scratch, cfg.cpu_limit)
-    rows = []
+    contenders = [('none', con.none()), ('paced', con.ours('cgroup', cfg.cpu_limit))] \
+        + _contenders(cfg, con, scratch, cfg.cpu_limit)
+    rows, medians = [], {}
     for size in (small, big):
         results, errors = _run_all(contenders, cfg.reps, lambda name, t: _copy(
             name, t, src, dst, size, digests[size]))
@@ -152,10 +157,20 @@ def _cpu(cfg: Any, scratch: Scratch, con: Any) -> List[Row]:
                 rows.append(dict(error_row(case, name, errors[name]), fallback=True))
                 continue
             cpu = [r.cpu_s for r in results[name]]
+            medians[name, size] = statistics.median(cpu)
             rows.append({'case': case, 'throttle': name, 'fallback': True, 'ratio': None,
                          'bytes': size * MiB, 'cpu_seconds': cpu,
-                         'cpu_s_per_gib': statistics.median(cpu) / (size / 1024),
+                         'cpu_s_per_gib': medians[name, size] / (size / 1024),
                          'rate_ratio': (statistics.median(r.bps for r in results[name])
                                         / cfg.cpu_limit if name != 'none' else None)})
             log('%-36s %-8s %.3f s/GiB' % (case, name, rows[-1]['cpu_s_per_gib']))
+    case = 'fallback CPU per byte (%d→%d MiB), fixed per copy' % (small, big)
+    for name, _ in contenders:
+        if (name, small) in medians and (name, big) in medians:
+            slope = (medians[name, big] - medians[name, small]) / ((big - small) / 1024)
+            rows.append({'case': case, 'throttle': name, 'fallback': True, 'ratio': None,
+                         'cpu_s_per_gib': slope,
+                         'cpu_s_fixed': medians[name, small] - slope * small / 1024})
+            log('%-36s %-8s %.3f s/GiB + %.3f s' % (case, name, slope,
+                                                    rows[-1]['cpu_s_fixed']))
     return rows

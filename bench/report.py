@@ -135,10 +135,11 @@ def table(rows: List[Row]) -> str:
 
 
 def fallback_table(rows: List[Row]) -> str:
-    """The fallback phase: this wrapper, the previous one, bare dd (bench/fallback.py)."""
-    names = ('ours', 'previous', 'none')
-    out = ['| pv fallback | this wrapper | previous wrapper | bare dd | target (this) |',
-           '|---|---|---|---|---|']
+    """The fallback phase: this wrapper, the previous one, bare dd unpaced and paced to the
+    same rate (bench/fallback.py)."""
+    names = ('ours', 'previous', 'none', 'paced')
+    out = ['| pv fallback | this wrapper | previous wrapper | bare dd | dd paced by a cgroup '
+           '| target (this) |', '|---|---|---|---|---|---|']
     cases: List[str] = []
     for row in rows:
         if 'fallback' in row and row['case'] not in cases:
@@ -151,6 +152,8 @@ def fallback_table(rows: List[Row]) -> str:
                 cells.append('')
             elif row.get('error'):
                 cells.append('failed: ' + row['error'][:60])
+            elif 'cpu_s_fixed' in row:
+                cells.append('%.3f s/GiB + %.3f s' % (row['cpu_s_per_gib'], row['cpu_s_fixed']))
             elif 'cpu_s_per_gib' in row:
                 cells.append('%.3f s/GiB' % row['cpu_s_per_gib'])
             else:
@@ -165,9 +168,13 @@ def fallback_table(rows: List[Row]) -> str:
                                      / bare['cpu_s_per_gib'])
                        for label, name in (('this', 'ours'), ('previous', 'previous'))
                        if 'cpu_s_per_gib' in (_find(rows, case, name) or {})]
-            target = '%s bare dd (this ≤ %.0f×: %s)' % (
-                ', '.join(factors), FALLBACK_CPU_TARGET,
-                _mark(ours['cpu_s_per_gib'] <= FALLBACK_CPU_TARGET * bare['cpu_s_per_gib']))
+            target = '%s bare dd' % ', '.join(factors)
+            paced = _find(rows, case, 'paced') or {}
+            if 'cpu_s_per_gib' in paced:
+                target += '; this %.1f× dd paced to the rate' % (
+                    ours['cpu_s_per_gib'] / paced['cpu_s_per_gib'])
+            target += ' (this ≤ %.0f× bare dd: %s)' % (FALLBACK_CPU_TARGET, _mark(
+                ours['cpu_s_per_gib'] <= FALLBACK_CPU_TARGET * bare['cpu_s_per_gib']))
         out.append('| %s | %s | %s |' % (case, ' | '.join(cells), target))
     return '\n'.join(out)
 

@@ -182,7 +182,7 @@ def _summary(result: transfer.TransferResult) -> str:
     else:
         versus = 'limit changed from %s to %s during the copy' % (
             format_rate(result.bps_limit), format_rate(result.final_bps_limit))
-    return ('copied %s in %.2f s: %s = %s (copy %s, backend %s: %s)'
+    return ('copied %s in %.2f s (dd\'s clock): %s = %s (copy %s, backend %s: %s)'
             % (format_bytes(result.bytes), result.seconds, format_rate(result.rate),
                versus, result.copy_id, result.backend, result.reason))
 

@@ -44,7 +44,8 @@ class Copier:
     """
 
     def __init__(self, pipe: int, source: int, dest: str, expected: Optional[int],
-                 block: int, direct: bool, sparse: bool, fdatasync: bool) -> None:
+                 block: int, direct: bool, sparse: bool, fdatasync: bool,
+                 source_name: str = 'the source') -> None:
         self.pipe, self.source, self.dest, self.expected = pipe, source, dest, expected
         self.block, self.direct, self.sparse, self.fdatasync = block, direct, sparse, fdatasync
         self.granted = 0
@@ -55,6 +56,10 @@ class Copier:
         self._out = -1
         # Page-aligned, as O_DIRECT needs; one sector more for a rounded-up last read.
         self._buffer = mmap.mmap(-1, block + UNIT)
+        # What failed, for the error: set before each step (prebuilt: no cost per block).
+        self._steps = ('reading %s' % source_name, 'writing %s' % dest,
+                       'fdatasync of %s' % dest, 'reading pv\'s tokens')
+        self._step = self._steps[0]
         self._seeked = False  # the last block was skipped (sparse): extend a regular file
         self._tail_buffered = False  # a final partial block went through the page cache
 
@@ -80,6 +85,7 @@ class Copier:
                 want = self.block if self.expected is None \
                     else min(self.block, self.expected - self.done)
                 while self.granted - self.done < want:
+                    self._step = self._steps[3]
                     more = os.read(self.pipe, 1 << 16)
                     if not more:  # pv ended: copy what it allowed
                         want = self.granted - self.done
@@ -89,8 +95,8 @@ class Copier:
                     break
             self._finish()
         except OSError as exc:
-            self.error = OSError(exc.errno, '%s at byte %d: %s' % (
-                exc.filename or self.dest, self.done, os.strerror(exc.errno)))
+            self.error = OSError(exc.errno, '%s at byte %d failed: %s' % (
+                self._step, self.done, os.strerror(exc.errno)))
         finally:
             view.release()
             self.seconds = time.monotonic() - started
@@ -102,6 +108,7 @@ class Copier:
     def _copy_block(self, view: memoryview, want: int) -> int:
         """Copy ``want`` bytes at ``done``; the bytes copied, 0 at the source's end."""
         got = 0
+        self._step = self._steps[0]
         while got < want:
             # O_DIRECT reads whole sectors: the last one may hold bytes beyond ``want``.
             n = os.preadv(self.source, [view[got:tokens(want) * UNIT]], self.done + got)
@@ -111,6 +118,7 @@ class Copier:
         got = min(got, want)
         if not got:
             return 0
+        self._step = self._steps[1]
         if self.sparse and self._buffer[:got] == bytes(got):
             self._seeked = True
         else:
@@ -135,6 +143,7 @@ class Copier:
                 and os.fstat(self._out).st_size < self.done:
             os.ftruncate(self._out, self.done)
         if self.fdatasync or self._tail_buffered:
+            self._step = self._steps[2]
             os.fdatasync(self._out)
 
     def report(self) -> str:

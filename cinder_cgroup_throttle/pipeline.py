@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import math
 import os
 import re
@@ -277,8 +276,9 @@ def request_rate(state_dir: str, copy_id: str, bps: int,
     """Ask a copy's pipeline to change its rate; return its state once it applied it.
 
     Works whether or not the caller is root: the pipeline (root under rootwrap) applies
-    the request itself with ``pv -R``. A pipeline that has not started yet applies the
-    request as it starts (None is returned then). Raises RuntimeError when it did not.
+    the request itself with ``pv -R``. None when there is no running pipeline to show it:
+    one not started yet applies the request as it starts, one that ended meanwhile has no
+    rate left to change. Raises RuntimeError when a running one did not apply it.
     """
     if bps <= 0:
         raise ValueError('rate must be a positive number of bytes/s, not %r' % bps)
@@ -294,8 +294,8 @@ def request_rate(state_dir: str, copy_id: str, bps: int,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = read_pipe_state(state_dir, copy_id)
-        if state is None:
-            raise RuntimeError('copy %s ended before applying the new rate' % copy_id)
+        if state is None:  # it ended meanwhile: no rate left to apply
+            return None
         if state.get('rate') == bps:
             return state
         if state.get('rate_error'):
@@ -486,8 +486,9 @@ class Pipeline:
         if self.plan.ionice:  # ours, so the copier's (a thread) and pv's: they inherit it
             self._run_to_end(Stage('ionice', self.plan.ionice + ['-p', str(os.getpid())]))
         try:
-            self._source = src = os.open(self.plan.source, os.O_RDONLY | os.O_CLOEXEC  # type: ignore[arg-type]
-                                         | os.O_NOCTTY | (os.O_DIRECT if self.plan.direct_in else 0))
+            flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY
+            self._source = src = os.open(self.plan.source,  # type: ignore[arg-type]
+                                         flags | (os.O_DIRECT if self.plan.direct_in else 0))
         except OSError as exc:
             raise OSError(exc.errno, 'cannot open %s for reading: %s'
                           % (self.plan.source, os.strerror(exc.errno))) from None
@@ -498,7 +499,7 @@ class Pipeline:
         try:
             self.copier = Copier(read_end, src, self.plan.dest,  # type: ignore[arg-type]
                                  self.expected, self.plan.block, self.plan.direct,
-                                 self.plan.sparse, self.plan.fdatasync)
+                                 self.plan.sparse, self.plan.fdatasync, self.plan.source)
             read_end = -1  # the copier's: it closes it when it ends
             self.copier.open()
             pv_tokens, credits = self._head_start(t0)
@@ -667,8 +668,7 @@ class Pipeline:
         that every byte was copied."""
         lines = [s.describe_failure() for s in reversed(self.stages) if s.returncode]
         if self.copier is not None and self.copier.error is not None:
-            lines.insert(0, 'copying %s to %s: %s' % (self.plan.source, self.plan.dest,
-                                                     self.copier.error.strerror))
+            lines.insert(0, self.copier.error.strerror)
         if lines:
             return ('copy %s failed: %s' % (self.copy_id, lines[0])
                     + ''.join('\n  also: ' + line for line in lines[1:]))
@@ -684,6 +684,8 @@ class Pipeline:
         if self._source is not None:
             os.close(self._source)
             self._source = None
+        if self.copier is not None and not (self._copying and self._copying.is_alive()):
+            os.close(self.copier.ended)
         with as_caller():
             remove_state(self.state_dir, self.copy_id)
 

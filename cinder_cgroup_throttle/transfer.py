@@ -13,7 +13,6 @@ import os
 import signal
 import stat
 import subprocess
-import time
 from typing import Callable, List, Optional
 
 from cinder_cgroup_throttle import ddstats, pipeline
@@ -97,7 +96,6 @@ def run(manager: CopyManager, src: str, dst: str, bps_limit: int, bs: str = '1M'
     with manager.copy(src, dst, bps_limit, volume_id=volume_id, total_bytes=size) as copy:
         argv = list(copy.prefix) + dd_argv(src, dst, size, bs)
         monitor = ProgressMonitor(manager.registry, window=_RATE_WINDOW)
-        started = time.monotonic()
         # dd must not outlive a killed CLI and keep copying.
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True,
@@ -115,14 +113,14 @@ def run(manager: CopyManager, src: str, dst: str, bps_limit: int, bs: str = '1M'
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        seconds = time.monotonic() - started
-        _check_dd(argv, proc.returncode, err, size)
+        copied = _check_dd(argv, proc.returncode, err, size)
         final = manager.registry.load(copy.id)
-        return TransferResult(copy.id, size, seconds, bps_limit, copy.backend, copy.reason,
-                              final.bps_limit if final else bps_limit)
+        # dd's own clock: the throttle's doing, not cgexec's or the wrapper's start-up.
+        return TransferResult(copy.id, size, copied.seconds, bps_limit, copy.backend,
+                              copy.reason, final.bps_limit if final else bps_limit)
 
 
-def _check_dd(argv: List[str], returncode: int, err: str, size: int) -> None:
+def _check_dd(argv: List[str], returncode: int, err: str, size: int) -> ddstats.DDReport:
     # All of it: the cause is often not on the last line (dd: fdatasync failed, then its
     # byte counts).
     text = err.strip()
@@ -136,6 +134,7 @@ def _check_dd(argv: List[str], returncode: int, err: str, size: int) -> None:
     if copied.bytes != size:
         raise ThrottleError('copy incomplete: dd copied %d of %d bytes'
                             % (copied.bytes, size))
+    return copied
 
 
 def _status(returncode: int) -> str:

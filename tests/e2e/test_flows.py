@@ -543,7 +543,7 @@ def delete(cloud: Cloud, vol: dict) -> List[Dict[str, Any]]:
         return v is None
     cloud.wait_for(gone, 'volume %s to be deleted' % vol['id'])
     rows = check_copies(cloud, 'delete (volume_clear=zero)', t0, mark,
-                          [('wipe', CLEAR_MIB * MiB)])
+                        [('wipe', CLEAR_MIB * MiB)])
     assert lv not in cloud.lvs()
     return rows
 

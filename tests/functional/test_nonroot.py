@@ -125,8 +125,8 @@ def test_copy_as_unprivileged_user_through_rootwrap(scratch, cgroup_parent, depl
     copies = [(cmd, err) for cmd, err in result['ran'] if 'count=%d' % size in cmd]
     assert [cmd[0] for cmd, _ in copies] == ['cgexec', 'cinder-cgroup-throttle-pipe']
     # Rates from the kernel's counters, sampled here over 10-90 % of each copy: the leaf's
-    # bytes written (cgexec), the bytes allocated to the file (pipeline); sudo and rootwrap start-up,
-    # slow on a loaded host, are not the throttle's doing.
+    # bytes written (cgexec), the bytes allocated to the file (pipeline); sudo and rootwrap
+    # start-up, slow on a loaded host, are not the throttle's doing.
     (leaf,) = leaf_probe.series
     measured = {'cgexec': leaf_probe.rate(leaf, total=size),
                 'cinder-cgroup-throttle-pipe': pipe_probe.rate(fdst, total=size)}

@@ -123,7 +123,6 @@ def test_read_only_cgroupfs_selects_pv_and_says_why(scratch):
     assert sha256_prefix(dst, SIZE) == digest
 
 
-
 def test_failed_move_out_of_the_namespace_root_is_one_clear_reason(scratch, container):
     """The kernel refuses to move the container's processes into ``main``: a threaded
     cgroup beside it makes the container's cgroup a threaded domain and ``main`` "domain

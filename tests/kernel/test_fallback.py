@@ -222,7 +222,7 @@ def test_full_destination_fails_the_copy(scratch, pv_manager):
             dd_argv(copy.prefix, src, dst, 12 * MiB, '1M', False, False) + ['conv=fdatasync'],
             capture_output=True, text=True)
     assert proc.returncode != 0, proc.stderr
-    assert 'copying %s to %s' % (src, dst) in proc.stderr, proc.stderr
+    assert 'writing %s at byte ' % dst in proc.stderr, proc.stderr
     assert 'No space left on device' in proc.stderr
 
 

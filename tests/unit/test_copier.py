@@ -90,3 +90,20 @@ def test_destination_that_cannot_be_opened_names_it(tmp_path, files):
                     10, MiB, False, False, False)
     with pytest.raises(OSError, match='cannot open .*/no/dst for writing: No such file'):
         copier.open()
+
+
+def test_a_failed_step_is_named(tmp_path, files):
+    """The error says what failed (reading, writing, fdatasync) and where."""
+    _, dst, _ = files
+    read_end, write_end = os.pipe()
+    os.close(write_end)
+    source = os.open(tmp_path, os.O_RDONLY)  # a directory: read(2) fails with EISDIR
+    copier = Copier(read_end, source, str(dst), 4096, MiB, False, False, False,
+                    source_name='/some/source')
+    copier.granted = 4096
+    copier.open()
+    copier.run()
+    os.close(source)
+    assert copier.error is not None and copier.done == 0
+    assert copier.error.strerror == ('reading /some/source at byte 0 failed: '
+                                     'Is a directory')

@@ -4,11 +4,16 @@ Oracles are written out by hand (argv, arithmetic) or produced by a real dd.
 """
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+import threading
+import time
 
 import pytest
 
 from cinder_cgroup_throttle import ddstats, pipeline
+from tests.scratch import pipe_state
 
 MiB = 1 << 20
 
@@ -85,3 +90,22 @@ def test_ddstats_reads_real_dd_reports(count, bs):
 
 def test_ddstats_without_a_report_is_none():
     assert ddstats.report(_dd('if=/nonexistent', 'of=/dev/null')) is None
+
+
+def test_a_rate_request_to_a_copy_that_ends_meanwhile_is_not_an_error(tmp_path):
+    """set-limit racing a copy's end (the new rate lets it finish at once): nothing is
+    left to apply, so no error; a copy that runs on without applying it is one."""
+    state_dir = tmp_path / 'state'
+    state_dir.mkdir(mode=0o700)
+    copy_id = 'copy-%d-0000abcd' % os.getpid()
+    state = state_dir / (copy_id + '.pipe.json')
+    state.write_text(json.dumps(pipe_state(copy_id, os.getpid(), time.time())))
+    ending = threading.Timer(0.3, state.unlink)
+    ending.start()
+    try:
+        assert pipeline.request_rate(str(state_dir), copy_id, 4 * MiB) is None
+    finally:
+        ending.join()
+    state.write_text(json.dumps(pipe_state(copy_id, os.getpid(), time.time())))
+    with pytest.raises(RuntimeError, match='did not apply rate 4194304 within 1 s'):
+        pipeline.request_rate(str(state_dir), copy_id, 4 * MiB, timeout=1.0)
