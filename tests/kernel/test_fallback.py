@@ -384,7 +384,7 @@ def _resident_bytes(path: str) -> int:
     return int(out.strip())
 
 
-def test_source_pages_are_dropped_after_the_copy(scratch, pv_manager):
+def test_source_is_read_without_the_page_cache(scratch, pv_manager):
     """Cinder reads with O_DIRECT (no cache), and so does the copier."""
     assert shutil.which('fincore'), 'fincore (util-linux) is not installed'
     ext4 = scratch.mkfs_mount(scratch.loop(48), 'ext4')
