@@ -56,6 +56,7 @@ class Copier:
         self._out = -1
         # Page-aligned, as O_DIRECT needs; one sector more for a rounded-up last read.
         self._buffer = mmap.mmap(-1, block + UNIT)
+        self._zeros = bytes(block) if sparse else b''  # what a skipped block holds
         # What failed, for the error: set before each step (prebuilt: no cost per block).
         self._steps = ('reading %s' % source_name, 'writing %s' % dest,
                        'fdatasync of %s' % dest, 'reading pv\'s tokens')
@@ -119,7 +120,7 @@ class Copier:
         if not got:
             return 0
         self._step = self._steps[1]
-        if self.sparse and self._buffer[:got] == bytes(got):
+        if self.sparse and view[:got] == self._zeros[:got]:
             self._seeked = True
         else:
             self._write(view[:got], self.done)
@@ -139,9 +140,10 @@ class Copier:
             written += os.pwrite(self._out, data[written:], offset + written)
 
     def _finish(self) -> None:
-        if self._seeked and stat.S_ISREG(os.fstat(self._out).st_mode) \
-                and os.fstat(self._out).st_size < self.done:
-            os.ftruncate(self._out, self.done)
+        if self._seeked:
+            st = os.fstat(self._out)
+            if stat.S_ISREG(st.st_mode) and st.st_size < self.done:
+                os.ftruncate(self._out, self.done)
         if self.fdatasync or self._tail_buffered:
             self._step = self._steps[2]
             os.fdatasync(self._out)
