@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from tests.scratch import Scratch, leaf_bytes, leaf_write_limits
+from tests.scratch import Scratch, leaf_bytes, leaf_write_limits, sampling_on_time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V1 = '/sys/fs/cgroup/blkio'
@@ -175,19 +175,20 @@ class Sampler:
         self._thread.join()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            now = time.monotonic()
-            limits: Dict[str, Optional[int]] = {}
-            for host in self.hosts:
-                for leaf in host.leaf_dirs():
-                    written = leaf_written(leaf)
-                    if leaf in self._last:
-                        self._total += max(0, written - self._last[leaf])
-                    self._last[leaf] = written
-                    limits[leaf] = leaf_limit(leaf)
-            self.series.append((now, self._total))
-            self.limits.append((now, limits))
-            self._stop.wait(self.every)
+        with sampling_on_time():
+            while not self._stop.is_set():
+                now = time.monotonic()
+                limits: Dict[str, Optional[int]] = {}
+                for host in self.hosts:
+                    for leaf in host.leaf_dirs():
+                        written = leaf_written(leaf)
+                        if leaf in self._last:
+                            self._total += max(0, written - self._last[leaf])
+                        self._last[leaf] = written
+                        limits[leaf] = leaf_limit(leaf)
+                self.series.append((now, self._total))
+                self.limits.append((now, limits))
+                self._stop.wait(self.every)
 
     def rate(self, t0: float, t1: float) -> float:
         """Bytes/s of all copies together between two monotonic times."""

@@ -5,6 +5,7 @@ even when the test failed; only objects created here are ever touched.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -14,7 +15,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 MiB = 1 << 20
 
@@ -277,6 +278,21 @@ def slope(points: List[Tuple[float, int]]) -> float:
     return sum((t - mt) * (b - mb) for t, b in points) / den
 
 
+@contextlib.contextmanager
+def sampling_on_time() -> Iterator[None]:
+    """Run the calling sampler thread at real-time priority meanwhile: on a busy machine a
+    normal thread reads a counter tens of ms after it moved, a timing error the copy never
+    made (measured, a 3 s window at 2 MiB/s read 0.937 of its rate; the same copy sampled
+    at real-time priority alongside read 0.983). Start no process inside: it would inherit
+    the priority."""
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(50))
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, policy, param)
+
+
 class RateProbe:
     """Samples byte counters in a background thread during a copy.
 
@@ -284,7 +300,8 @@ class RateProbe:
     a block at a time, so the time it is first seen at a value is when that block was done.
     Rates are least-squares slopes through the steps of the middle of a copy (by default
     from 10 % to 90 % of its bytes), so neither process start-up nor the end of a copy nor
-    how busy the machine is counts: only how fast the kernel let the bytes through.
+    how busy the machine is counts: only how fast the kernel let the bytes through. The
+    sampler runs at real-time priority, so a busy machine does not delay what it sees.
     """
 
     from_zero = True  # the counter starts at 0 with the copy (a leaf's, a process's)
@@ -300,15 +317,16 @@ class RateProbe:
         raise NotImplementedError
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            for key, value in self.counters().items():
-                now = time.monotonic()
-                if value is None:
-                    continue
-                steps = self.series.setdefault(key, [])
-                if not steps or steps[-1][1] != value[self.index]:
-                    steps.append((now, value[self.index]))
-            time.sleep(self.interval)
+        with sampling_on_time():
+            while not self._stop.is_set():
+                for key, value in self.counters().items():
+                    now = time.monotonic()
+                    if value is None:
+                        continue
+                    steps = self.series.setdefault(key, [])
+                    if not steps or steps[-1][1] != value[self.index]:
+                        steps.append((now, value[self.index]))
+                time.sleep(self.interval)
 
     def __enter__(self) -> 'RateProbe':
         self._thread.start()

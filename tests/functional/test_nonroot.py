@@ -11,6 +11,7 @@ import json
 import os
 import pwd
 import re
+import signal
 import subprocess
 import sysconfig
 import textwrap
@@ -23,7 +24,7 @@ from cinder_cgroup_throttle.cgroups import get_driver
 from tests.functional.nonroot import BIN, user_python
 from tests.scratch import (LeafRateProbe, MiB, FileSizeProbe, cgroup_dirs, fill_random,
                            leaf_device_bytes, leaf_write_limits, majmin, sha256_prefix,
-                           slope)
+                           sampling_on_time, slope)
 from tests.unit.test_rootwrap_filters import EXEC_DIRS
 
 pytestmark = [pytest.mark.kernel, pytest.mark.cinder]
@@ -320,22 +321,25 @@ def test_eventlet_service_with_greenthread_copies_and_relimit(scratch, cgroup_pa
     if os.path.isdir(driver.parent_path):
         os.rmdir(driver.parent_path)  # the session's; empty between tests
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd='/')
+                            cwd='/', start_new_session=True)
     samples = {}  # leaf -> [(time, limits, written)]
     socks, daemons, next_scan = set(), {}, 0.0
     deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        socks |= privsep_socks(proc.pid)  # cheap: the service has a few children
-        if socks and time.monotonic() >= next_scan:
-            daemons.update(privsep_daemon_caps(socks))  # the last reading of each
-            next_scan = time.monotonic() + 0.5
-        for leaf in leaf_dirs(cgroup_parent):
-            sample = leaf_sample(leaf)
-            if sample:
-                samples.setdefault(leaf, []).append((time.monotonic(),) + sample)
-        time.sleep(0.01)
-    if proc.poll() is None:
-        proc.kill()
+    try:
+        with sampling_on_time():
+            while proc.poll() is None and time.monotonic() < deadline:
+                socks |= privsep_socks(proc.pid)  # cheap: the service has a few children
+                if socks and time.monotonic() >= next_scan:
+                    daemons.update(privsep_daemon_caps(socks))  # the last reading of each
+                    next_scan = time.monotonic() + 0.5
+                for leaf in leaf_dirs(cgroup_parent):
+                    sample = leaf_sample(leaf)
+                    if sample:
+                        samples.setdefault(leaf, []).append((time.monotonic(),) + sample)
+                time.sleep(0.01)
+    finally:
+        if proc.poll() is None:  # timed out or the test failed: the service and its dd
+            os.killpg(proc.pid, signal.SIGKILL)
     out, err = proc.communicate()
     assert proc.returncode == 0, err
     result = json.loads(out.strip().splitlines()[-1])
