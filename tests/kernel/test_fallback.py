@@ -170,7 +170,9 @@ def test_rate_change_reaches_running_pipeline(scratch, pv_manager, state_dir):
     with pv_manager.copy(src, dst, 2 * MiB) as copy, DeviceRateProbe(dst) as probe:
         proc = start(dd_argv(copy.prefix, src, dst, size, '1M'))
         wait_for_state(state_dir, copy.id)
-        time.sleep(3)
+        # pv passes tokens on 0.1 s ticks: a block's end lands up to half a tick early or
+        # late (measured 0.45/0.55 s apart at 2 MiB/s), 1.7 % of a 3 s window, 1 % of 5 s.
+        time.sleep(5)
         before_end = time.monotonic()
         state = pipeline.request_rate(state_dir, copy.id, 16 * MiB)
         after_start = time.monotonic() + 0.5  # past pv's catch-up burst
