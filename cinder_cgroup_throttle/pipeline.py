@@ -499,7 +499,8 @@ class Pipeline:
         try:
             self.copier = Copier(read_end, src, self.plan.dest,  # type: ignore[arg-type]
                                  self.expected, self.plan.block, self.plan.direct,
-                                 self.plan.sparse, self.plan.fdatasync, self.plan.source)
+                                 self.plan.sparse, self.plan.fdatasync, self.rate,
+                                 self.plan.source)
             read_end = -1  # the copier's: it closes it when it ends
             self.copier.open()
             pv_tokens, credits = self._head_start(t0)
@@ -612,6 +613,8 @@ class Pipeline:
             self.rate_error = 'pv -R failed: %s' % proc.stderr.strip()
         else:
             self.rate, self.rate_error = wanted, None
+            if self.copier is not None:  # its catch-up bound follows pv's rate
+                self.copier.rate = wanted
 
     def wait(self) -> None:
         """Until the copy ended (the copier, or qemu-img): publish, apply rate requests,

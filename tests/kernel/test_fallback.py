@@ -189,6 +189,32 @@ def test_rate_change_reaches_running_pipeline(scratch, pv_manager, state_dir):
     assert 0.97 <= after / (16 * MiB) <= 1.05  # pv catches up after a raise (measured)
 
 
+def test_a_stalled_copy_does_not_burst_to_catch_up(scratch, pv_manager, state_dir):
+    """The wrapper stopped for 4 s while pv runs on, as when the machine or the destination
+    stalls: pv keeps that credit (16 MiB here) and would hand it over at once. Afterwards
+    the copy takes at most 1 s of its rate and a block at once, then its rate."""
+    work = scratch.tmpfs(64)
+    src, dst = os.path.join(work, 'src'), os.path.join(work, 'dst')
+    size, rate = 32 * MiB, 4 * MiB
+    digest = fill_random(src, size)
+    with pv_manager.copy(src, dst, rate) as copy, FileSizeProbe(dst) as probe:
+        proc = start(dd_argv(copy.prefix, src, dst, size, '1M', False, False))
+        wrapper = wait_for_state(state_dir, copy.id)['wrapper_pid']
+        time.sleep(1)
+        os.kill(wrapper, signal.SIGSTOP)
+        time.sleep(4)
+        resumed = time.monotonic()
+        os.kill(wrapper, signal.SIGCONT)
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err
+    assert sha256_prefix(dst, size) == digest
+    steps = probe.series[dst]
+    before = max(b for t, b in steps if t <= resumed)
+    within = max(b for t, b in steps if t <= resumed + 1.0) - before
+    print('after a 4 s stall at 4 MiB/s: %.1f MiB in the next second' % (within / MiB))
+    assert within <= rate * 2 + 2 * MiB, within / MiB  # 16 MiB more when it caught up
+
+
 def test_rate_requested_before_the_pipeline_starts_applies_at_start(scratch, pv_manager,
                                                                     state_dir):
     work = scratch.tmpfs(64)

@@ -12,9 +12,10 @@ import threading
 
 import pytest
 
-from cinder_cgroup_throttle.copier import UNIT, Copier
+from cinder_cgroup_throttle.copier import CATCH_UP, UNIT, Copier
 
 MiB = 1 << 20
+UNPACED = 1 << 40  # bytes/s: a rate no test copy reaches
 
 
 @pytest.fixture
@@ -25,11 +26,12 @@ def files(tmp_path):
     return src, tmp_path / 'dst', data
 
 
-def _copy(src, dst, expected, tokens=None, block=MiB, sparse=False, granted=0):
+def _copy(src, dst, expected, tokens=None, block=MiB, sparse=False, granted=0,
+          rate=UNPACED):
     """Run a copier; ``tokens`` are written then the pipe closed (None: enough for all)."""
     read_end, write_end = os.pipe()
     source = os.open(src, os.O_RDONLY)
-    copier = Copier(read_end, source, str(dst), expected, block, False, sparse, True)
+    copier = Copier(read_end, source, str(dst), expected, block, False, sparse, True, rate)
     copier.granted = granted
     copier.open()
     thread = threading.Thread(target=copier.run)
@@ -84,10 +86,25 @@ def test_sparse_skips_zero_blocks_as_dd_does(tmp_path):
     assert os.stat(dst).st_blocks == os.stat(reference).st_blocks < len(data) // 512
 
 
+def test_tokens_handed_over_at_once_are_taken_at_the_rate_beyond_the_catch_up(tmp_path):
+    """pv's catch-up after a stall comes all at once (here: every token is in the pipe
+    before the copy starts); the copier takes CATCH_UP s of the rate and a block at once,
+    the rest at the rate. Judged on the copier's own clock, a lower bound: a busy machine
+    can only make it longer."""
+    src = tmp_path / 'src'
+    data = os.urandom(12 * MiB)
+    src.write_bytes(data)
+    rate = 4 * MiB
+    copier = _copy(src, tmp_path / 'dst', len(data), rate=rate)
+    assert (tmp_path / 'dst').read_bytes() == data
+    at_once = rate * CATCH_UP + MiB
+    assert copier.seconds >= (len(data) - at_once) / rate  # 1.75 s
+
+
 def test_destination_that_cannot_be_opened_names_it(tmp_path, files):
     src, _, _ = files
     copier = Copier(os.pipe()[0], os.open(src, os.O_RDONLY), str(tmp_path / 'no' / 'dst'),
-                    10, MiB, False, False, False)
+                    10, MiB, False, False, False, UNPACED)
     with pytest.raises(OSError, match='cannot open .*/no/dst for writing: No such file'):
         copier.open()
 
@@ -98,7 +115,7 @@ def test_a_failed_step_is_named(tmp_path, files):
     read_end, write_end = os.pipe()
     os.close(write_end)
     source = os.open(tmp_path, os.O_RDONLY)  # a directory: read(2) fails with EISDIR
-    copier = Copier(read_end, source, str(dst), 4096, MiB, False, False, False,
+    copier = Copier(read_end, source, str(dst), 4096, MiB, False, False, False, UNPACED,
                     source_name='/some/source')
     copier.granted = 4096
     copier.open()
